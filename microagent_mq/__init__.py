@@ -1,0 +1,44 @@
+"""microagent_mq: asyncio agents reading queues from Redis, RabbitMQ or memory."""
+
+from .agent import MicroAgent, consumer, on
+from .broker import AbstractQueueBroker, BoundQueue
+from .consumer import Consumer
+from .control import Reject, Retry
+from .exceptions import (
+    BrokerUnavailable,
+    ConfigurationError,
+    InvalidDSN,
+    QueueException,
+    QueueNotFound,
+    QueueSourceError,
+    SerializingError,
+)
+from .loader import load_queues
+from .options import ConsumerOptions
+from .queue import Queue
+from .transport import DeadLetter
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'AbstractQueueBroker',
+    'BoundQueue',
+    'BrokerUnavailable',
+    'ConfigurationError',
+    'Consumer',
+    'ConsumerOptions',
+    'DeadLetter',
+    'InvalidDSN',
+    'MicroAgent',
+    'Queue',
+    'QueueException',
+    'QueueNotFound',
+    'QueueSourceError',
+    'Reject',
+    'Retry',
+    'SerializingError',
+    '__version__',
+    'consumer',
+    'load_queues',
+    'on',
+]

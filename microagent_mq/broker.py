@@ -1,0 +1,222 @@
+"""``AbstractQueueBroker``: the public API, concrete; transports implement a few primitives."""
+
+import itertools
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+from uuid import uuid4
+
+from .consumer import Consumer
+from .engine import ConsumerRunner
+from .exceptions import ConfigurationError, QueueException, SerializingError
+from .dsn import mask_dsn
+from .queue import Queue, decode, encode
+from .routing import is_valid_topic
+from .transport import DeadLetter, Outgoing, Subscription
+
+__all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
+
+SEND_OPTIONS = frozenset({'topic', 'delay'})
+Message = str | bytes | dict[str, Any]
+
+
+@dataclass(repr=False, eq=False)
+class AbstractQueueBroker(ABC):
+    """Broker is an abstract interface with two basic methods - send and bind.
+
+    Every declared queue is an attribute: ``await broker.user_created.send({...})``.
+    A transport implements ``_publish``, ``_subscribe``, ``_length``, ``_dead_letters``,
+    ``_requeue_dead_letters`` and ``_disconnect``; delivery semantics live in the engine.
+    """
+
+    dsn: str
+    uid: str = field(default_factory=lambda: str(uuid4()))
+    log: logging.Logger = field(default=logging.getLogger('microagent_mq.broker'))
+    _bindings: dict[str, Consumer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._runners: dict[str, ConsumerRunner] = {}
+        # Message ids: random per broker, then a counter; unique without a uuid per message.
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(6).hex() + '-'
+
+    # public API -----------------------------------------------------------------------
+
+    async def send(self, name: str, message: Message, **kwargs: Any) -> None:
+        """Write a message to queue ``name`` (or to every queue bound to exchange ``name``).
+
+        ``message``: serialized JSON object (a dict is serialized for you).
+        ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered.
+        """
+        await self._publish([self._outgoing(name, _body(message), kwargs)])
+
+    async def send_many(self, name: str, messages: Iterable[Message], **kwargs: Any) -> None:
+        """Write several messages in one go, with the same guarantees as ``send``."""
+        batch = [self._outgoing(name, _body(m), kwargs) for m in messages]
+        if batch:
+            await self._publish(batch)
+
+    async def bind(self, name: str) -> None:
+        """Start reading queue ``name`` with the consumer bound to it."""
+        consumer = self._bindings.get(name)
+        if consumer is None:
+            raise QueueException(f'no consumer is bound to queue {name!r}')
+        if name in self._runners:
+            return
+        runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log)
+        self._runners[name] = runner
+        runner.start()
+        self.log.info('Consuming %s with %s', name, consumer.name)
+
+    async def bind_consumer(self, consumer: Consumer) -> None:
+        """Bind a consumer of an agent to this broker and start reading its queue."""
+        name = consumer.queue.name
+        bound = self._bindings.get(name)
+        if bound is not None and bound is not consumer:
+            raise QueueException(f'queue {name!r} is already consumed by {bound.name}')
+        self._bindings[name] = consumer
+        try:
+            await self.bind(name)
+        except BaseException:
+            del self._bindings[name]
+            raise
+
+    async def unbind(self, name: str, grace: float | None = None) -> None:
+        """Stop reading queue ``name``: running handlers get ``grace`` seconds to finish."""
+        runner = self._runners.pop(name, None)
+        self._bindings.pop(name, None)
+        if runner is not None:
+            await runner.stop(grace)
+            self.log.info('Stopped consuming %s', name)
+
+    async def queue_length(self, name: str, **options: Any) -> int:
+        """Messages waiting in queue ``name`` (not those being handled, nor delayed)."""
+        return await self._length(self._queue(name).name, **options)
+
+    async def dead_letters(self, name: str, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters of queue ``name``, left where they are."""
+        return await self._dead_letters(self._queue(name).name, limit)
+
+    async def requeue_dead_letters(self, name: str) -> int:
+        """Move the dead letters of queue ``name`` back into it, as first attempts."""
+        count = await self._requeue_dead_letters(self._queue(name).name)
+        if count:
+            self.log.info('Requeued %d dead letters into %s', count, name)
+        return count
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop every consumer (see ``unbind``), then close the connections."""
+        for name in list(self._runners):
+            await self.unbind(name, grace)
+        await self._disconnect()
+
+    def info(self) -> dict[str, Any]:
+        """What this broker is, without secrets."""
+        return {
+            'broker': type(self).__name__,
+            'dsn': mask_dsn(self.dsn),
+            'uid': self.uid,
+            'consuming': sorted(self._runners),
+        }
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> 'BoundQueue':
+        if name.startswith('_'):
+            raise AttributeError(name)
+        return BoundQueue(self, Queue.get(name))
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({mask_dsn(self.dsn)!r}, uid={self.uid!r})'
+
+    # primitives -------------------------------------------------------------------------
+
+    @abstractmethod
+    async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        """Store every message of ``batch`` durably before returning."""
+
+    @abstractmethod
+    async def _subscribe(self, consumer: Consumer) -> Subscription:
+        """Declare what the consumer's queue needs and open a subscription to it."""
+
+    @abstractmethod
+    async def _length(self, name: str, **options: Any) -> int:
+        """Messages ready for delivery in queue ``name``."""
+
+    @abstractmethod
+    async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        """Read dead letters without removing them."""
+
+    @abstractmethod
+    async def _requeue_dead_letters(self, name: str) -> int:
+        """Move dead letters back to their queue; return how many."""
+
+    @abstractmethod
+    async def _disconnect(self) -> None:
+        """Close connections; a later call may connect again."""
+
+    # helpers ----------------------------------------------------------------------------
+
+    def _queue(self, name: str) -> Queue:
+        queue = Queue.get(name)
+        if queue.is_exchange:
+            raise QueueException(f'{name!r} is an exchange, not a queue')
+        return queue
+
+    def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
+        if options and (unknown := options.keys() - SEND_OPTIONS):
+            raise ConfigurationError(f'unknown send options {sorted(unknown)}')
+        topic = options.get('topic') or ''
+        delay = options.get('delay') or 0.0
+        if not isinstance(topic, str) or not is_valid_topic(topic):
+            raise ConfigurationError(f'invalid topic {topic!r}: dot-separated words expected')
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+            raise ConfigurationError(f'invalid delay {delay!r}: seconds >= 0 expected')
+        queue = Queue.get(name)
+        if queue.is_exchange:
+            targets = tuple(q.name for q in Queue.bound_to(name, topic))
+            exchange = name
+        else:
+            targets, exchange = (name,), ''
+        message_id = f'{self._id_prefix}{next(self._ids):x}'
+        return Outgoing(body, message_id, targets, exchange, topic, float(delay))
+
+
+@dataclass(frozen=True, slots=True)
+class BoundQueue:
+    """A queue seen through a broker: ``broker.<queue name>``."""
+
+    broker: AbstractQueueBroker
+    queue: Queue
+
+    async def send(self, message: dict[str, Any], **options: Any) -> None:
+        """Send ``message`` (a dict); options as in ``AbstractQueueBroker.send``."""
+        await self.broker.send(self.queue.name, message, **options)
+
+    async def send_many(self, messages: Iterable[dict[str, Any]], **options: Any) -> None:
+        """Send several dicts in one go."""
+        await self.broker.send_many(self.queue.name, messages, **options)
+
+    async def length(self) -> int:
+        """Messages waiting in this queue."""
+        return await self.broker.queue_length(self.queue.name)
+
+
+def _body(message: Message) -> bytes:
+    if isinstance(message, dict):
+        return encode(message)
+    if isinstance(message, str):
+        message = message.encode()
+    elif not isinstance(message, bytes):
+        raise SerializingError(f'a message must be str, bytes or dict, not {type(message).__name__}')
+    decode(message)  # refuse what no consumer could read, at the sender
+    return message

@@ -1,0 +1,109 @@
+"""``load_queues``: read queue declarations from a file or a URL."""
+
+import urllib.error
+import urllib.request
+from collections import namedtuple
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from .exceptions import ConfigurationError, QueueSourceError
+from .queue import Queue, check_name
+
+URL_TIMEOUT_S = 10.0
+MAX_SOURCE_BYTES = 1024 * 1024
+QUEUE_KEYS = frozenset({'name', 'exchange', 'topics'})
+# Names a NamedTuple keeps for itself; a queue cannot take them.
+RESERVED = frozenset({'_make', '_replace', '_asdict', '_fields', '_field_defaults'})
+
+
+def load_queues(source: str) -> NamedTuple:
+    """Load queue declarations from ``file://path``, a plain path or an ``http(s)://`` URL.
+
+    Returns a NamedTuple whose attributes are the declared ``Queue`` objects.
+    """
+    raw = _read(source)
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise QueueSourceError(
+            f'{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}'
+        ) from exc
+    return declare_queues(document, source)
+
+
+def declare_queues(document: Any, source: str = '<dict>') -> NamedTuple:
+    """Declare the queues of an already parsed ``{"queues": [...]}`` document."""
+    if not isinstance(document, dict) or not isinstance(document.get('queues'), list):
+        raise QueueSourceError(f'{source}: expected an object with a "queues" list')
+    if unknown := set(document) - {'queues'}:
+        raise QueueSourceError(f'{source}: unknown top-level keys {sorted(unknown)}')
+    specs = document['queues']
+    names = [_check_spec(spec, index, source) for index, spec in enumerate(specs)]
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise QueueSourceError(f'{source}: duplicate queue names {duplicates}')
+    queues = [
+        Queue(spec['name'], spec.get('exchange', ''), tuple(spec.get('topics', ())))
+        for spec in specs
+    ]
+    return _named_tuple(names)(*queues)
+
+
+def _check_spec(spec: Any, index: int, source: str) -> str:
+    where = f'{source}: queues[{index}]'
+    if not isinstance(spec, dict):
+        raise QueueSourceError(f'{where}: expected an object, got {type(spec).__name__}')
+    if unknown := set(spec) - QUEUE_KEYS:
+        raise QueueSourceError(f'{where}: unknown keys {sorted(unknown)}')
+    if 'name' not in spec:
+        raise QueueSourceError(f'{where}: missing "name"')
+    try:
+        name = check_name(spec['name'])
+    except ConfigurationError as exc:
+        raise QueueSourceError(f'{where}: {exc}') from exc
+    if name in RESERVED:
+        raise QueueSourceError(f'{where}: the name {name!r} is reserved')
+    topics = spec.get('topics', [])
+    if not isinstance(topics, list):
+        raise QueueSourceError(f'{where}: "topics" must be a list')
+    return name
+
+
+def _named_tuple(names: list[str]) -> type[Any]:
+    # namedtuple refuses names with a leading underscore; rename them, then give each
+    # renamed field a property under its real name.
+    cls = namedtuple('Queues', names, rename=True)  # type: ignore[misc]
+    for index, name in enumerate(names):
+        if name.startswith('_'):
+            setattr(cls, name, property(itemgetter(index)))
+    return cls
+
+
+def _read(source: str) -> bytes:
+    if source.startswith(('http://', 'https://')):
+        return _read_url(source)
+    path = Path(source.removeprefix('file://'))
+    try:
+        with path.open('rb') as file:
+            data = file.read(MAX_SOURCE_BYTES + 1)
+    except OSError as exc:
+        raise QueueSourceError(f'{source}: cannot read {path}: {exc.strerror}') from exc
+    return _limited(data, source)
+
+
+def _read_url(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310
+            data = response.read(MAX_SOURCE_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, 'reason', exc)
+        raise QueueSourceError(f'{url}: cannot fetch queue declarations: {reason}') from exc
+    return _limited(data, url)
+
+
+def _limited(data: bytes, source: str) -> bytes:
+    if len(data) > MAX_SOURCE_BYTES:
+        raise QueueSourceError(f'{source}: larger than {MAX_SOURCE_BYTES} bytes')
+    return data

@@ -1,0 +1,140 @@
+"""Queue declarations: the registry of queues and exchanges, and the JSON codec."""
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
+from .routing import is_valid_pattern, topic_matches
+
+__all__ = ['Queue', 'QueueException', 'QueueNotFound', 'SerializingError']
+
+NAME_RE = re.compile(r'^[a-z_][a-z0-9_]*$')
+
+
+def check_name(name: object, what: str = 'queue name') -> str:
+    """Return ``name`` if it is a valid queue or exchange name, else raise."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigurationError(f'invalid {what} {name!r}: must match [a-z_][a-z0-9_]*')
+    return name
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Declaration of a queue with a project-wide unique name; registered at creation.
+
+    ``exchange``: the queue also receives a copy of every message sent to that exchange.
+    ``topics``: with an exchange, only messages whose topic matches one of these patterns.
+    """
+
+    name: str
+    exchange: str = ''
+    topics: tuple[str, ...] = field(default=())
+
+    _registry: ClassVar[dict[str, 'Queue']] = {}
+    _exchanges: ClassVar[dict[str, tuple['Queue', ...]]] = {}
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        topics = self.topics
+        if isinstance(topics, str) or not all(isinstance(t, str) for t in topics):
+            raise ConfigurationError(f'queue {self.name!r}: topics must be a list of strings')
+        object.__setattr__(self, 'topics', tuple(topics))
+        if self.exchange:
+            check_name(self.exchange, f'exchange name of queue {self.name!r}:')
+        if self.topics and not self.exchange:
+            raise ConfigurationError(f'queue {self.name!r}: topics need an exchange')
+        for pattern in self.topics:
+            if not is_valid_pattern(pattern):
+                raise ConfigurationError(f'queue {self.name!r}: invalid topic pattern {pattern!r}')
+        if self.name == self.exchange:
+            raise ConfigurationError(f'queue {self.name!r} cannot share the name of its exchange')
+        self._register()
+
+    def _register(self) -> None:
+        known = self._registry.get(self.name)
+        if known is not None:
+            if known != self:
+                raise QueueException(f'queue {self.name!r} is already declared as {known!r}')
+            return
+        if self.name in self._exchanges:
+            raise QueueException(f'queue {self.name!r}: the name is already used by an exchange')
+        if self.exchange and self.exchange in self._registry:
+            raise QueueException(f'exchange {self.exchange!r}: the name is already used by a queue')
+        self._registry[self.name] = self
+        if self.exchange:
+            self._exchanges[self.exchange] = (*self._exchanges.get(self.exchange, ()), self)
+
+    @property
+    def is_exchange(self) -> bool:
+        """True for the view ``Queue.get(exchange_name)`` returns: sending fans out."""
+        return self.name == self.exchange
+
+    @classmethod
+    def get(cls, name: str) -> 'Queue':
+        """The queue declared under ``name``, or a view of the exchange of that name."""
+        queue = cls._registry.get(name)
+        if queue is not None:
+            return queue
+        if name in cls._exchanges:
+            view = object.__new__(cls)
+            object.__setattr__(view, 'name', name)
+            object.__setattr__(view, 'exchange', name)
+            object.__setattr__(view, 'topics', ())
+            return view
+        raise QueueNotFound(f'no queue or exchange named {name!r} is declared')
+
+    @classmethod
+    def get_all(cls) -> dict[str, 'Queue']:
+        """All registered queues, by name."""
+        return dict(cls._registry)
+
+    @classmethod
+    def bound_to(cls, exchange: str, topic: str = '') -> list['Queue']:
+        """The queues that receive a message sent to ``exchange`` with ``topic``."""
+        return [
+            q for q in cls._exchanges.get(exchange, ())
+            if not q.topics or any(topic_matches(p, topic) for p in q.topics)
+        ]
+
+    @classmethod
+    def exchanges(cls) -> dict[str, tuple['Queue', ...]]:
+        """Every declared exchange with its queues."""
+        return dict(cls._exchanges)
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget every declaration (for tests)."""
+        cls._registry.clear()
+        cls._exchanges.clear()
+
+    def serialize(self, data: dict[str, Any]) -> str:
+        """Data serializing method."""
+        return encode(data).decode()
+
+    def deserialize(self, data: str | bytes) -> dict[str, Any]:
+        """Data deserializing method."""
+        return decode(data)
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    """A message as JSON bytes; the message must be a dict."""
+    if not isinstance(data, dict):
+        raise SerializingError(f'a message must be a dict, not {type(data).__name__}')
+    try:
+        return orjson.dumps(data)
+    except TypeError as exc:
+        raise SerializingError(f'message is not JSON-serialisable: {exc}') from exc
+
+
+def decode(data: str | bytes) -> dict[str, Any]:
+    """A JSON object parsed into a dict."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise SerializingError(f'body is not valid JSON: {exc}') from exc
+    if not isinstance(value, dict):
+        raise SerializingError(f'body is a JSON {type(value).__name__}, not an object')
+    return value

@@ -1,0 +1,1 @@
+"""Transports: ``memory``, ``redis`` and ``amqp``."""

@@ -1,0 +1,138 @@
+"""``MemoryBroker``: in-process queues with the full delivery contract, for tests and demos."""
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..broker import AbstractQueueBroker
+from ..consumer import Consumer
+from ..dsn import parse_dsn
+from ..transport import DeadLetter, Delivery, Outgoing, Subscription, now_s
+
+IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
+
+
+@dataclass(eq=False)
+class MemoryQueue:
+    """One queue: ready messages, delayed ones by due time, and dead letters."""
+
+    ready: deque[Delivery] = field(default_factory=deque)
+    delayed: list[tuple[float, int, Delivery]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    waiters: list['asyncio.Future[None]'] = field(default_factory=list)
+
+    def put(self, delivery: Delivery, delay: float = 0.0) -> None:
+        if delay > 0:
+            heapq.heappush(self.delayed, (time.monotonic() + delay, next(_order), delivery))
+        else:
+            self.ready.append(delivery)
+        self.wake()
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(None)
+
+    def promote_due(self) -> float | None:
+        """Move due delayed messages to ready; return seconds until the next one is due."""
+        delayed = self.delayed
+        now = time.monotonic()
+        while delayed and delayed[0][0] <= now:
+            self.ready.append(heapq.heappop(delayed)[2])
+        return delayed[0][0] - now if delayed else None
+
+
+_order = itertools.count()
+_hubs: dict[str, dict[str, MemoryQueue]] = {}
+
+
+@dataclass(repr=False, eq=False)
+class MemoryBroker(AbstractQueueBroker):
+    """``MemoryBroker('memory://NAME')``: brokers with the same DSN share their queues."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parts = parse_dsn(self.dsn, ('memory',))
+        self._queues = _hubs.setdefault(parts.netloc + parts.path, {})
+
+    def _get(self, name: str) -> MemoryQueue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = MemoryQueue()
+        return queue
+
+    async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        for message in batch:
+            for name in message.queues:
+                self._get(name).put(Delivery(message.body, message.message_id), message.delay)
+
+    async def _subscribe(self, consumer: Consumer) -> Subscription:
+        return MemorySubscription(self._get(consumer.queue.name), consumer.queue.name)
+
+    async def _length(self, name: str, **options: Any) -> int:
+        queue = self._get(name)
+        queue.promote_due()
+        return len(queue.ready)
+
+    async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        return self._get(name).dead[:limit]
+
+    async def _requeue_dead_letters(self, name: str) -> int:
+        queue = self._get(name)
+        dead, queue.dead = queue.dead, []
+        for letter in dead:
+            queue.put(Delivery(letter.body, letter.message_id))
+        return len(dead)
+
+    async def _disconnect(self) -> None:
+        return None
+
+
+class MemorySubscription(Subscription):
+    """A consumer's view of a ``MemoryQueue``."""
+
+    def __init__(self, queue: MemoryQueue, name: str) -> None:
+        self._queue = queue
+        self._name = name
+
+    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+        queue = self._queue
+        wait = queue.promote_due()
+        ready = queue.ready
+        if not ready:
+            waiter = asyncio.get_running_loop().create_future()
+            queue.waiters.append(waiter)
+            try:
+                async with asyncio.timeout(min(wait or IDLE_WAKE_S, IDLE_WAKE_S)):
+                    await waiter
+            except TimeoutError:
+                pass
+            queue.promote_due()
+        batch = [ready.popleft() for _ in range(min(max_count, len(ready)))]
+        now = time.monotonic()
+        for delivery in batch:
+            delivery.received_at = now
+        return batch
+
+    async def ack(self, delivery: Delivery) -> None:
+        return None
+
+    async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
+        self._queue.put(Delivery(delivery.body, delivery.message_id, delivery.attempt + 1), delay)
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        self._queue.dead.append(DeadLetter(self._name, delivery.message_id, delivery.body,
+                                           error, delivery.attempt, now_s()))
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        self._queue.ready.extendleft(reversed(deliveries))
+        self._queue.wake()
+
+    async def close(self) -> None:
+        return None
