@@ -11,9 +11,9 @@ from typing import Any, Self
 from uuid import uuid4
 
 from .consumer import Consumer
+from .dsn import mask_dsn
 from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, SerializingError
-from .dsn import mask_dsn
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, Subscription

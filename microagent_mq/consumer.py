@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 Handler = Callable[..., Awaitable[None]]
 
 
-class PoisonMessage(Exception):  # noqa: N818 - a kind of message, not of failure
+class PoisonMessage(Exception):
     """The body cannot become the handler's arguments; retrying cannot help."""
 
 
@@ -40,9 +40,9 @@ class Consumer:
         self.config = ConsumerOptions.parse(self.options, self.timeout)
         # Inspect the signature once, so each message only pays for two set operations.
         self._accepts_any, self._required, self._allowed = _parameters(self.handler)
-        self._required.discard(self.dto_name or '')
-        if self.dto_name:
-            self._allowed.add(self.dto_name)
+        self._dto_key = self.dto_name or 'dto'
+        self._required.discard(self._dto_key)
+        self._allowed.add(self._dto_key)
 
     @property
     def name(self) -> str:
@@ -65,7 +65,7 @@ class Consumer:
             dto = self.dto_class(**data)
         except Exception as exc:
             raise PoisonMessage(f'{self.dto_class.__name__} rejected the message: {exc}') from exc
-        return {**data, self.dto_name: dto}
+        return {**data, self._dto_key: dto}
 
     def info(self) -> dict[str, Any]:
         """What this consumer is, for ``MicroAgent.info()``."""

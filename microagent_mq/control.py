@@ -1,7 +1,7 @@
 """Exceptions a handler raises to steer what happens to its message."""
 
 
-class Retry(Exception):  # noqa: N818 - a verb, as the handler says it
+class Retry(Exception):
     """Deliver this message again after ``delay`` seconds (the consumer's backoff if None).
 
     It counts as an attempt: after ``max_attempts`` the message is dead-lettered.
@@ -13,7 +13,7 @@ class Retry(Exception):  # noqa: N818 - a verb, as the handler says it
         self.reason = reason
 
 
-class Reject(Exception):  # noqa: N818
+class Reject(Exception):
     """Dead-letter this message now, with ``reason``; retrying cannot help."""
 
     def __init__(self, reason: str = 'rejected by handler') -> None:

@@ -48,7 +48,8 @@ def declare_queues(document: Any, source: str = '<dict>') -> NamedTuple:
         Queue(spec['name'], spec.get('exchange', ''), tuple(spec.get('topics', ())))
         for spec in specs
     ]
-    return _named_tuple(names)(*queues)
+    result: NamedTuple = _named_tuple(names)(*queues)
+    return result
 
 
 def _check_spec(spec: Any, index: int, source: str) -> str:
@@ -95,7 +96,7 @@ def _read(source: str) -> bytes:
 
 def _read_url(url: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
             data = response.read(MAX_SOURCE_BYTES + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, 'reason', exc)

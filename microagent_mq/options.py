@@ -58,14 +58,16 @@ class ConsumerOptions:
     def visibility(self, timeout: float) -> float:
         """The visibility timeout in seconds for a handler with this ``timeout``."""
         if self.visibility_timeout is not None:
-            return self.visibility_timeout
+            return float(self.visibility_timeout)
         return timeout + VISIBILITY_MARGIN_S
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1``: exponential, capped."""
-        return min(self.retry_delay * 2 ** min(attempt - 1, 62), self.retry_delay_max)
+        growth: float = 2.0 ** min(attempt - 1, 62)
+        return float(min(self.retry_delay * growth, self.retry_delay_max))
 
 
 def _require(name: str, value: Any, kind: type | tuple[type, ...], minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+    valid = not isinstance(value, bool) and isinstance(value, kind)
+    if not valid or value < minimum:
         raise ConfigurationError(f'consumer option {name}={value!r}: expected a number >= {minimum}')

@@ -116,10 +116,10 @@ async def delete_amqp_queues(queues: list[str], exchanges: list[str]) -> None:
             await channel.exchange_delete(name)
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0,
+async def wait_until(condition: Callable[[], Awaitable[bool] | bool], timeout_s: float = 20.0,
                      what: str = 'condition') -> None:
-    """Poll ``condition`` until true, failing after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    """Poll ``condition`` until true, failing after ``timeout_s`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         result = condition()
         if not isinstance(result, bool):
@@ -142,8 +142,8 @@ class Calls:
         self.items.append(item)
         self._changed.set()
 
-    async def wait_for(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, count: int, timeout_s: float = 20.0) -> list[dict[str, Any]]:
+        async with asyncio.timeout(timeout_s):
             while len(self.items) < count:
                 self._changed.clear()
                 await self._changed.wait()

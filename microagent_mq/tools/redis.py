@@ -1,0 +1,352 @@
+"""``RedisBroker``: crash-safe queues on Redis Streams, one consumer group per queue.
+
+Keys, for queue ``q`` and the default prefix ``mq:``: the stream ``mq:q``, its delayed
+messages in the sorted set ``mq:q:delayed`` (score: due time in ms), dead letters in the
+stream ``mq:q.dlq``. A stream entry carries ``body`` (the user's JSON), ``id`` (message id)
+and ``attempt`` (when above 1).
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry as RedisRetry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("RedisBroker needs redis: pip install 'microagent-mq[redis]'") from exc
+
+import orjson
+
+from ..broker import AbstractQueueBroker
+from ..consumer import Consumer
+from ..dsn import mask_dsn, parse_dsn
+from ..exceptions import BrokerUnavailable
+from ..transport import DeadLetter, Delivery, Outgoing, Subscription, now_s
+from .redis_scripts import MOVE_DUE
+
+GROUP = 'microagent_mq'
+BLOCK_MS = 1000  # an idle XREADGROUP returns this often so the engine can look around
+DELAYED_POLL_S = 0.05
+ACK_BACKLOG = 1000  # past this many unflushed acks, acking waits for the flush
+RELEASED_IDLE_MS = 10**10  # a released message looks abandoned for ages: claimed at once
+ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(repr=False, eq=False)
+class RedisBroker(AbstractQueueBroker):
+    """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``.
+
+    ``prefix``: prepended to every key, so applications can share a database.
+    ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
+    ``BrokerUnavailable`` (redis-py's own retry with exponential backoff and jitter).
+    """
+
+    prefix: str = 'mq:'
+    connect_timeout: float = 2.0
+    send_retries: int = 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_dsn(self.dsn, ('redis', 'rediss', 'unix'))
+        self._client: aioredis.Redis | None = None
+        self._delayed_watch: set[str] = set()
+        self._mover: asyncio.Task[None] | None = None
+
+    # keys -------------------------------------------------------------------------------
+
+    def stream_key(self, queue: str) -> str:
+        """The stream holding queue ``queue``."""
+        return f'{self.prefix}{queue}'
+
+    def delayed_key(self, queue: str) -> str:
+        """The sorted set of delayed messages of ``queue``."""
+        return f'{self.prefix}{queue}:delayed'
+
+    def dead_key(self, queue: str) -> str:
+        """The stream of dead letters of ``queue``."""
+        return f'{self.prefix}{queue}.dlq'
+
+    # connection -------------------------------------------------------------------------
+
+    @property
+    def client(self) -> 'aioredis.Redis':
+        """The shared redis-py client (a connection pool), made on first use."""
+        if self._client is None:
+            retry = RedisRetry(ExponentialWithJitterBackoff(cap=1.0, base=0.05),
+                               self.send_retries)
+            self._client = aioredis.Redis.from_url(
+                self.dsn, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
+            )
+            self._move_due = self._client.register_script(MOVE_DUE)
+        return self._client
+
+    @asynccontextmanager
+    async def guard(self) -> AsyncIterator[None]:
+        """Turn 'Redis is unreachable' (after redis-py's retries) into ``BrokerUnavailable``."""
+        try:
+            yield
+        except ERRORS as exc:
+            raise BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}') from exc
+
+    async def _disconnect(self) -> None:
+        if self._mover is not None:
+            self._mover.cancel()
+            await asyncio.gather(self._mover, return_exceptions=True)
+            self._mover = None
+        self._delayed_watch.clear()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    # sending ----------------------------------------------------------------------------
+
+    async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        client = self.client
+        async with self.guard():
+            if len(batch) == 1 and len(batch[0].queues) == 1 and not batch[0].delay:
+                message = batch[0]
+                await client.xadd(self.stream_key(message.queues[0]),
+                                  {'body': message.body, 'id': message.message_id})
+                return
+            # One round trip, all or nothing: a copy for every target queue.
+            pipe = client.pipeline(transaction=True)
+            for message in batch:
+                for queue in message.queues:
+                    self._stage(pipe, queue, message.body, message.message_id, 1, message.delay)
+            await pipe.execute()
+
+    def _stage(self, pipe: Any, queue: str, body: bytes, message_id: str, attempt: int,
+               delay: float, error: str = '') -> None:
+        """Queue on ``pipe`` the command that stores a message, now or after ``delay``."""
+        if delay > 0:
+            member = orjson.dumps(['body', body.decode(), 'id', message_id,
+                                   'attempt', str(attempt), 'error', error])
+            due_ms = int((time.time() + delay) * 1000)
+            pipe.zadd(self.delayed_key(queue), {member: due_ms})
+        else:
+            fields: dict[str, Any] = {'body': body, 'id': message_id}
+            if attempt > 1:
+                fields['attempt'] = attempt
+            pipe.xadd(self.stream_key(queue), fields)
+
+    # consuming --------------------------------------------------------------------------
+
+    async def _subscribe(self, consumer: Consumer) -> Subscription:
+        queue = consumer.queue.name
+        visibility = consumer.config.visibility(consumer.timeout)
+        subscription = RedisSubscription(self, queue, visibility)
+        async with self.guard():
+            await subscription.create_group()
+        self._delayed_watch.add(queue)
+        if self._mover is None or self._mover.done():
+            self._mover = asyncio.create_task(self._move_delayed(), name='redis-delayed-mover')
+        return subscription
+
+    async def _move_delayed(self) -> None:
+        """Move due delayed messages into their streams, atomically (a Lua script)."""
+        failing = False
+        while True:
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    now_ms = int(time.time() * 1000)
+                    for queue in self._delayed_watch:
+                        await self._move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
+                                             args=[now_ms, 100], client=pipe)
+                    await pipe.execute()
+                if failing:
+                    self.log.warning('Moving delayed messages works again')
+                    failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    self.log.warning('Moving delayed messages failed: %r; will retry', exc)
+                    failing = True
+                await asyncio.sleep(1)
+            await asyncio.sleep(DELAYED_POLL_S)
+
+    # inspecting ---------------------------------------------------------------------------
+
+    async def _length(self, name: str, **options: Any) -> int:
+        stream = self.stream_key(name)
+        async with self.guard(), self.client.pipeline(transaction=False) as pipe:
+            pipe.xlen(stream)
+            pipe.xpending(stream, GROUP)
+            length, pending = await pipe.execute(raise_on_error=False)
+        if isinstance(length, Exception):
+            raise length
+        in_flight = 0 if isinstance(pending, Exception) else int(pending['pending'])
+        return int(length) - in_flight
+
+    async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        async with self.guard():
+            entries: Any = await self.client.xrange(self.dead_key(name), count=limit)
+        return [_dead_letter(name, fields) for _, fields in entries]
+
+    async def _requeue_dead_letters(self, name: str) -> int:
+        moved = 0
+        async with self.guard():
+            while True:
+                entries: Any = await self.client.xrange(self.dead_key(name), count=100)
+                if not entries:
+                    break
+                pipe = self.client.pipeline(transaction=True)
+                for _, fields in entries:
+                    self._stage(pipe, name, fields[b'body'], fields[b'id'].decode(), 1, 0)
+                pipe.xdel(self.dead_key(name), *[entry_id for entry_id, _ in entries])
+                await pipe.execute()
+                moved += len(entries)
+        return moved
+
+
+def _dead_letter(queue: str, fields: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(queue, fields[b'id'].decode(), fields[b'body'],
+                      fields.get(b'error', b'').decode(), int(fields.get(b'attempt', 1)),
+                      float(fields.get(b'failed_at', 0)))
+
+
+class RedisSubscription(Subscription):
+    """One consumer in the queue's consumer group."""
+
+    def __init__(self, broker: RedisBroker, queue: str, visibility_s: float) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._stream = broker.stream_key(queue)
+        self._name = broker.uid
+        self._visibility_ms = int(visibility_s * 1000)
+        self._claim_every = min(visibility_s / 4, 10.0)
+        self._next_claim = 0.0  # claim first: messages released or abandoned earlier
+        self._acks: list[bytes] = []
+        self._ack_flush: asyncio.Task[None] | None = None
+
+    async def create_group(self) -> None:
+        """Create the group at the stream's start: nothing sent before it is missed."""
+        try:
+            await self._broker.client.xgroup_create(self._stream, GROUP, id='0', mkstream=True)
+        except ResponseError as exc:
+            if 'BUSYGROUP' not in str(exc):
+                raise
+
+    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self._claim_every
+            if claimed := await self._claim(max_count):
+                return claimed
+        try:
+            reply: Any = await self._broker.client.xreadgroup(
+                GROUP, self._name, {self._stream: '>'}, count=max_count, block=BLOCK_MS)
+        except ResponseError as exc:
+            if 'NOGROUP' not in str(exc):
+                raise
+            self._broker.log.warning('Consumer group of %s is gone (Redis restarted?); '
+                                     'creating it again', self._queue)
+            await self.create_group()
+            return []
+        if not reply:
+            return []
+        return [_delivery(entry_id, fields) for entry_id, fields in reply[0][1] if fields]
+
+    async def _claim(self, max_count: int) -> list[Delivery]:
+        """Take over messages idle past the visibility timeout (their consumer died)."""
+        client = self._broker.client
+        pending: Any = await client.xpending_range(self._stream, GROUP, '-', '+', max_count,
+                                              idle=self._visibility_ms)
+        if not pending:
+            return []
+        delivered = {p['message_id']: int(p['times_delivered']) for p in pending}
+        entries: Any = await client.xclaim(self._stream, GROUP, self._name, self._visibility_ms,
+                                      list(delivered))
+        claimed = []
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            delivery = _delivery(entry_id, fields)
+            delivery.attempt += delivered.get(entry_id, 0)
+            claimed.append(delivery)
+        if claimed:
+            self._broker.log.warning('Took over %d message(s) of %s abandoned by other consumers',
+                                     len(claimed), self._queue)
+        return claimed
+
+    async def ack(self, delivery: Delivery) -> None:
+        # Acks are coalesced: while one flush is in flight the next ones gather, so a
+        # busy consumer acks in batches and an idle one at once.
+        self._acks.append(delivery.handle)
+        if self._ack_flush is None or self._ack_flush.done():
+            self._ack_flush = asyncio.create_task(self._flush_acks())
+        elif len(self._acks) > ACK_BACKLOG:
+            await asyncio.shield(self._ack_flush)
+
+    async def _flush_acks(self) -> None:
+        client = self._broker.client
+        while self._acks:
+            ids, self._acks = self._acks, []
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.xack(self._stream, GROUP, *ids)
+                    pipe.xdel(self._stream, *ids)
+                    await pipe.execute()
+            except Exception as exc:
+                self._broker.log.error('Acking %d message(s) of %s failed (%r); they will be '
+                                       'delivered again', len(ids), self._queue, exc)
+
+    async def _settle(self, delivery: Delivery, store: Any) -> None:
+        async with self._broker.client.pipeline(transaction=True) as pipe:
+            store(pipe)
+            pipe.xack(self._stream, GROUP, delivery.handle)
+            pipe.xdel(self._stream, delivery.handle)
+            await pipe.execute()
+
+    async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
+        await self._settle(delivery, lambda pipe: self._broker._stage(
+            pipe, self._queue, delivery.body, delivery.message_id, delivery.attempt + 1,
+            max(delay, 0.001), error))
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        fields = {'body': delivery.body, 'id': delivery.message_id, 'error': error,
+                  'attempt': delivery.attempt, 'failed_at': now_s()}
+        await self._settle(delivery, lambda pipe: pipe.xadd(
+            self._broker.dead_key(self._queue), fields))
+
+    async def extend(self, delivery: Delivery) -> bool:
+        client = self._broker.client
+        owner: Any = await client.xpending_range(self._stream, GROUP, delivery.handle,
+                                            delivery.handle, 1)
+        if not owner or owner[0]['consumer'].decode() != self._name:
+            return False
+        await client.xclaim(self._stream, GROUP, self._name, 0, [delivery.handle], justid=True)
+        delivery.received_at = time.monotonic()
+        return True
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        await self._broker.client.xclaim(
+            self._stream, GROUP, self._name, 0, [d.handle for d in deliveries],
+            idle=RELEASED_IDLE_MS, retrycount=0, justid=True)
+        self._next_claim = 0.0
+
+    async def close(self) -> None:
+        if self._ack_flush is not None:
+            await asyncio.gather(self._ack_flush, return_exceptions=True)
+        client = self._broker.client
+        try:
+            mine = await client.xpending_range(self._stream, GROUP, '-', '+', 1,
+                                               consumername=self._name)
+            if not mine:  # forget this consumer; one with pending messages must stay
+                await client.xgroup_delconsumer(self._stream, GROUP, self._name)
+        except Exception as exc:
+            self._broker.log.warning('Could not tidy consumer %s of %s: %r',
+                                     self._name, self._queue, exc)
+
+
+def _delivery(entry_id: bytes, fields: dict[bytes, bytes]) -> Delivery:
+    return Delivery(fields[b'body'], fields[b'id'].decode(), int(fields.get(b'attempt', 1)),
+                    entry_id)
