@@ -110,9 +110,11 @@ class AbstractQueueBroker(ABC):
 
     async def close(self, grace: float | None = None) -> None:
         """Stop every consumer (see ``unbind``), then close the connections."""
-        for name in list(self._runners):
-            await self.unbind(name, grace)
-        await self._disconnect()
+        try:
+            for name in list(self._runners):
+                await self.unbind(name, grace)
+        finally:
+            await self._disconnect()
 
     def info(self) -> dict[str, Any]:
         """What this broker is, without secrets."""

@@ -11,6 +11,7 @@ from .control import Reject, Retry
 from .transport import Delivery, Subscription
 
 FETCH_BACKOFF_MAX_S = 5.0
+CANCEL_WAIT_S = 5.0  # how long stop() waits for cancelled tasks to end
 
 
 class ConsumerRunner:
@@ -54,14 +55,18 @@ class ConsumerRunner:
                 self.log.warning('Handler of %s still running after %.1fs grace: cancelled',
                                  self._queue, grace)
                 task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                _, stuck = await asyncio.wait(late, timeout=CANCEL_WAIT_S)
+                if stuck:
+                    self.log.error('%d task(s) of %s ignored cancellation; left behind',
+                                   len(stuck), self._queue)
         if loop_task is not None and loop_task.done() and not loop_task.cancelled():
             if exc := loop_task.exception():
                 self.log.error('Consumer loop of %s failed: %r', self._queue, exc)
         if self._buffer:
             await self._settle(self._sub.release, list(self._buffer))
             self._buffer.clear()
-        await self._sub.close()
+        await self._settle(self._sub.close)
 
     async def _run(self) -> None:
         failures = 0

@@ -59,6 +59,7 @@ class RedisBroker(AbstractQueueBroker):
         self._client: aioredis.Redis | None = None
         self._delayed_watch: set[str] = set()
         self._mover: asyncio.Task[None] | None = None
+        self._mover_stop = asyncio.Event()
 
     # keys -------------------------------------------------------------------------------
 
@@ -99,7 +100,8 @@ class RedisBroker(AbstractQueueBroker):
 
     async def _disconnect(self) -> None:
         if self._mover is not None:
-            self._mover.cancel()
+            # A flag, not cancel(): redis-py may swallow a cancellation mid-command.
+            self._mover_stop.set()
             await asyncio.gather(self._mover, return_exceptions=True)
             self._mover = None
         self._delayed_watch.clear()
@@ -148,13 +150,14 @@ class RedisBroker(AbstractQueueBroker):
             await subscription.create_group()
         self._delayed_watch.add(queue)
         if self._mover is None or self._mover.done():
+            self._mover_stop = asyncio.Event()
             self._mover = asyncio.create_task(self._move_delayed(), name='redis-delayed-mover')
         return subscription
 
     async def _move_delayed(self) -> None:
         """Move due delayed messages into their streams, atomically (a Lua script)."""
         failing = False
-        while True:
+        while not self._mover_stop.is_set():
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     now_ms = int(time.time() * 1000)
@@ -165,14 +168,15 @@ class RedisBroker(AbstractQueueBroker):
                 if failing:
                     self.log.warning('Moving delayed messages works again')
                     failing = False
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 if not failing:
                     self.log.warning('Moving delayed messages failed: %r; will retry', exc)
                     failing = True
-                await asyncio.sleep(1)
-            await asyncio.sleep(DELAYED_POLL_S)
+            try:
+                async with asyncio.timeout(1.0 if failing else DELAYED_POLL_S):
+                    await self._mover_stop.wait()
+            except TimeoutError:
+                pass
 
     # inspecting ---------------------------------------------------------------------------
 

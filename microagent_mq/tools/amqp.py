@@ -1,0 +1,341 @@
+"""``AMQPBroker``: RabbitMQ through aio-pika, with publisher confirms, retries and dead letters.
+
+For queue ``q``: a durable queue ``q`` (bound to its exchange, a durable topic exchange,
+with each of its topic patterns, or ``#``); dead letters in ``q.dlq``; delayed messages
+(retries and ``send(delay=)``) wait in ``q.delay.<ms>``, one queue per delay, whose
+messages expire back into ``q``: a long delay never holds up a short one, and no plugin
+is needed. Metadata travels in headers: ``x-attempt``, ``x-error``, ``x-failed-at``.
+"""
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import aio_pika
+    from aio_pika.abc import (
+        AbstractChannel,
+        AbstractExchange,
+        AbstractIncomingMessage,
+        AbstractQueue,
+        AbstractRobustConnection,
+    )
+    from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("AMQPBroker needs aio-pika: pip install 'microagent-mq[amqp]'") from exc
+
+from ..broker import AbstractQueueBroker
+from ..consumer import Consumer
+from ..dsn import mask_dsn, parse_dsn
+from ..exceptions import BrokerUnavailable
+from ..queue import Queue
+from ..transport import DeadLetter, Delivery, Outgoing, Subscription, now_s
+
+IDLE_WAKE_S = 1.0
+DELAY_QUEUE_SPARE_MS = 60_000  # a delay queue outlives its last message by this much
+ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError, asyncio.TimeoutError)
+# aio-pika says 'the connection is closed, reconnecting' with a bare RuntimeError.
+SEND_ERRORS = (*ERRORS, RuntimeError)
+
+
+@dataclass(repr=False, eq=False)
+class AMQPBroker(AbstractQueueBroker):
+    """``AMQPBroker('amqp://user:password@host:5672/vhost')``; also ``amqps://``.
+
+    ``connect_timeout``: seconds for one connection attempt.
+    ``send_timeout``: seconds a send keeps retrying while RabbitMQ is unreachable
+    before it raises ``BrokerUnavailable``.
+    ``reconnect_interval``: seconds between attempts to restore a lost connection.
+    """
+
+    connect_timeout: float = 5.0
+    send_timeout: float = 15.0
+    reconnect_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_dsn(self.dsn, ('amqp', 'amqps'))
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._connecting = asyncio.Lock()
+        self._declared: set[str] = set()
+
+    # connection -------------------------------------------------------------------------
+
+    async def connection(self) -> AbstractRobustConnection:
+        """The broker's one robust connection (it reconnects by itself), made on first use."""
+        async with self._connecting:
+            if self._connection is None or self._connection.is_closed:
+                try:
+                    self._connection = await aio_pika.connect_robust(
+                        self.dsn, timeout=self.connect_timeout,
+                        reconnect_interval=self.reconnect_interval,
+                        client_properties={'connection_name': f'microagent_mq {self.uid}'})
+                except ERRORS as exc:
+                    raise BrokerUnavailable(
+                        f'RabbitMQ at {mask_dsn(self.dsn)} is unreachable: {exc!r}') from exc
+                self._channel = None
+                self._declared.clear()
+            return self._connection
+
+    async def publish_channel(self) -> AbstractChannel:
+        """The channel for sending, with publisher confirms: a publish returns once stored."""
+        connection = await self.connection()
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await connection.channel(publisher_confirms=True)
+        return self._channel
+
+    async def _disconnect(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._declared.clear()
+        if connection is not None:
+            await connection.close()
+
+    # declarations -----------------------------------------------------------------------
+
+    async def declare(self, channel: AbstractChannel, queue: Queue) -> AbstractQueue:
+        """Declare a durable queue and bind it to its exchange, as declared."""
+        declared = await channel.declare_queue(queue.name, durable=True)
+        if queue.exchange:
+            exchange = await self._exchange(channel, queue.exchange)
+            for pattern in queue.topics or ('#',):
+                await declared.bind(exchange, routing_key=pattern)
+        return declared
+
+    async def _exchange(self, channel: AbstractChannel, name: str) -> AbstractExchange:
+        return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+    async def _declare_target(self, channel: AbstractChannel, message: Outgoing) -> None:
+        # Declared on first use, so a message sent before any consumer started is kept.
+        name = message.exchange or message.queues[0]
+        if name in self._declared:
+            return
+        if message.exchange:
+            await self._exchange(channel, name)
+            for queue in Queue.exchanges().get(name, ()):
+                await self.declare(channel, queue)
+        else:
+            await self.declare(channel, Queue.get(name))
+        self._declared.add(name)
+
+    async def delay_queue(self, channel: AbstractChannel, queue: str, delay: float) -> str:
+        """Declare (and so keep alive) the queue where messages for ``queue`` wait ``delay`` s."""
+        ttl_ms = max(1, round(delay * 1000))
+        name = f'{queue}.delay.{ttl_ms}'
+        await channel.declare_queue(name, durable=True, arguments={
+            'x-message-ttl': ttl_ms,
+            'x-dead-letter-exchange': '',
+            'x-dead-letter-routing-key': queue,
+            'x-expires': ttl_ms + DELAY_QUEUE_SPARE_MS,
+        })
+        return name
+
+    # sending ----------------------------------------------------------------------------
+
+    async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        deadline = time.monotonic() + self.send_timeout
+        failures = 0
+        while True:
+            try:
+                channel = await self.publish_channel()
+                await self._publish_on(channel, batch)
+                return
+            except BrokerUnavailable:
+                raise
+            except SEND_ERRORS as exc:
+                failures += 1
+                self._declared.clear()
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(
+                        f'RabbitMQ at {mask_dsn(self.dsn)} did not take the message within '
+                        f'{self.send_timeout}s: {exc!r}') from exc
+                self.log.warning('Publishing failed (%r); retry %d', exc, failures)
+                await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
+
+    async def _publish_on(self, channel: AbstractChannel, batch: Sequence[Outgoing]) -> None:
+        publishes = []
+        for message in batch:
+            if message.delay > 0:
+                for queue in message.queues:
+                    target = await self.delay_queue(channel, queue, message.delay)
+                    publishes.append(channel.default_exchange.publish(
+                        _message(message.body, message.message_id, 1), target))
+                continue
+            await self._declare_target(channel, message)
+            if message.exchange:
+                exchange = await self._exchange(channel, message.exchange)
+                publishes.append(exchange.publish(
+                    _message(message.body, message.message_id, 1), message.topic, mandatory=False))
+            else:
+                publishes.append(channel.default_exchange.publish(
+                    _message(message.body, message.message_id, 1), message.queues[0]))
+        if len(publishes) == 1:
+            await publishes[0]
+        else:  # every confirm awaited together: one wait for the batch
+            await asyncio.gather(*publishes)
+
+    async def republish(self, queue: str, body: bytes, message_id: str, attempt: int,
+                        delay: float = 0.0, headers: dict[str, Any] | None = None) -> None:
+        """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed."""
+        channel = await self.publish_channel()
+        target = await self.delay_queue(channel, queue, delay) if delay > 0 else queue
+        await channel.default_exchange.publish(_message(body, message_id, attempt, headers), target)
+
+    # consuming --------------------------------------------------------------------------
+
+    async def _subscribe(self, consumer: Consumer) -> Subscription:
+        connection = await self.connection()
+        channel = await connection.channel()
+        capacity = consumer.config.concurrency + consumer.config.prefetch
+        await channel.set_qos(prefetch_count=capacity)
+        queue = await self.declare(channel, consumer.queue)
+        await channel.declare_queue(f'{consumer.queue.name}.dlq', durable=True)
+        subscription = AMQPSubscription(self, consumer.queue.name, channel)
+        await subscription.start(queue)
+        return subscription
+
+    # inspecting ---------------------------------------------------------------------------
+
+    async def _length(self, name: str, **options: Any) -> int:
+        connection = await self.connection()
+        # A passive declare of a missing queue closes its channel: use a throwaway one.
+        async with connection.channel(publisher_confirms=False) as channel:
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return 0
+            return int(queue.declaration_result.message_count or 0)
+
+    async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        connection = await self.connection()
+        letters: list[DeadLetter] = []
+        # Read without acking; closing the channel puts them back where they were.
+        async with connection.channel(publisher_confirms=False) as channel:
+            dlq = await channel.declare_queue(f'{name}.dlq', durable=True)
+            while len(letters) < limit:
+                message = await dlq.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                letters.append(_dead_letter(name, message))
+        return letters
+
+    async def _requeue_dead_letters(self, name: str) -> int:
+        connection = await self.connection()
+        moved = 0
+        async with connection.channel(publisher_confirms=False) as channel:
+            dlq = await channel.declare_queue(f'{name}.dlq', durable=True)
+            await self.declare(await self.publish_channel(), Queue.get(name))
+            while (message := await dlq.get(no_ack=False, fail=False)) is not None:
+                await self.republish(name, message.body, message.message_id or '', 1)
+                await message.ack()
+                moved += 1
+        return moved
+
+
+def _message(body: bytes, message_id: str, attempt: int,
+             headers: dict[str, Any] | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body, message_id=message_id, content_type='application/json',
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers={'x-attempt': attempt, **(headers or {})})
+
+
+def _attempt(message: AbstractIncomingMessage) -> int:
+    value = message.headers.get('x-attempt', 1)
+    return value if isinstance(value, int) else 1
+
+
+def _dead_letter(queue: str, message: AbstractIncomingMessage) -> DeadLetter:
+    headers = message.headers
+    failed_at = headers.get('x-failed-at', 0)
+    return DeadLetter(queue, message.message_id or '', message.body, str(headers.get('x-error', '')),
+                      _attempt(message), float(failed_at) if isinstance(failed_at, int | float) else 0.0)
+
+
+class AMQPSubscription(Subscription):
+    """A consumer on its own channel; RabbitMQ pushes up to the QoS prefetch."""
+
+    def __init__(self, broker: AMQPBroker, queue: str, channel: AbstractChannel) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._channel = channel
+        self._incoming: deque[AbstractIncomingMessage] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._amqp_queue: AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def start(self, queue: AbstractQueue) -> None:
+        """Start the push of messages into this subscription's buffer."""
+        self._amqp_queue = queue
+        self._tag = await queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._incoming.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+        incoming = self._incoming
+        if not incoming:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(IDLE_WAKE_S):
+                    await self._waiter
+            except TimeoutError:
+                return []
+            finally:
+                self._waiter = None
+        batch: list[Delivery] = []
+        while incoming and len(batch) < max_count:
+            message = incoming.popleft()
+            if message.redelivered:
+                await self._count_redelivery(message)
+                continue
+            batch.append(Delivery(message.body, message.message_id or '', _attempt(message),
+                                  message))
+        return batch
+
+    async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
+        # A classic queue does not count deliveries, and RabbitMQ redelivers a message when
+        # its consumer died holding it. Record that as an attempt, in the message itself, so
+        # that max_attempts holds across crashes: publish it again with x-attempt + 1.
+        try:
+            await self._broker.republish(self._queue, message.body, message.message_id or '',
+                                         _attempt(message) + 1)
+            await message.ack()
+        except Exception:
+            await message.nack(requeue=True)
+            raise
+
+    async def ack(self, delivery: Delivery) -> None:
+        await delivery.handle.ack()
+
+    async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
+        await self._broker.republish(self._queue, delivery.body, delivery.message_id,
+                                     delivery.attempt + 1, max(delay, 0.001))
+        await delivery.handle.ack()
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        await self._broker.republish(
+            f'{self._queue}.dlq', delivery.body, delivery.message_id, delivery.attempt,
+            headers={'x-error': error, 'x-failed-at': now_s(), 'x-queue': self._queue})
+        await delivery.handle.ack()
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        # Republished, not nacked: a redelivered message counts as a crash (see fetch).
+        for delivery in deliveries:
+            await self._broker.republish(self._queue, delivery.body, delivery.message_id,
+                                         delivery.attempt)
+            await delivery.handle.ack()
+
+    async def close(self) -> None:
+        try:
+            if self._amqp_queue is not None and self._tag is not None:
+                await self._amqp_queue.cancel(self._tag)
+        finally:
+            # Unacked messages, buffered or not, go back to the queue when the channel closes.
+            self._incoming.clear()
+            await self._channel.close()
