@@ -98,6 +98,9 @@ def _read_url(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
             data = response.read(MAX_SOURCE_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise QueueSourceError(f'{url}: cannot fetch queue declarations: HTTP {exc.code} '
+                               f'{exc.reason}') from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, 'reason', exc)
         raise QueueSourceError(f'{url}: cannot fetch queue declarations: {reason}') from exc

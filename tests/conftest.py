@@ -1,6 +1,7 @@
 """Fixtures: one ``broker`` fixture parametrised over every transport, real servers only."""
 
 import asyncio
+import inspect
 import os
 import socket
 import uuid
@@ -116,13 +117,13 @@ async def delete_amqp_queues(queues: list[str], exchanges: list[str]) -> None:
             await channel.exchange_delete(name)
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool] | bool], timeout_s: float = 20.0,
+async def wait_until(condition: Callable[[], Awaitable[object] | object], timeout_s: float = 20.0,
                      what: str = 'condition') -> None:
     """Poll ``condition`` until true, failing after ``timeout_s`` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         result = condition()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return
