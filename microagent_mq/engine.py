@@ -52,7 +52,8 @@ class ConsumerRunner:
         if waiting:
             _, late = await asyncio.wait(waiting, timeout=grace)
             for task in late:
-                self.log.warning('Handler of %s still running after %.1fs grace: cancelled',
+                self.log.warning('%s of %s still running after %.1fs grace: cancelled',
+                                 'Fetch loop' if task is loop_task else 'Handler',
                                  self._queue, grace)
                 task.cancel()
             if late:

@@ -83,6 +83,9 @@ class AMQPBroker(AbstractQueueBroker):
 
     async def publish_channel(self) -> AbstractChannel:
         """The channel for sending, with publisher confirms: a publish returns once stored."""
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
         connection = await self.connection()
         if self._channel is None or self._channel.is_closed:
             self._channel = await connection.channel(publisher_confirms=True)

@@ -33,7 +33,7 @@ from ..transport import DeadLetter, Delivery, Outgoing, Subscription, now_s
 from .redis_scripts import MOVE_DUE
 
 GROUP = 'microagent_mq'
-BLOCK_MS = 1000  # an idle XREADGROUP returns this often so the engine can look around
+BLOCK_MS = 250  # an idle XREADGROUP returns this often, so a stop never waits long for it
 DELAYED_POLL_S = 0.05
 ACK_BACKLOG = 1000  # past this many unflushed acks, acking waits for the flush
 RELEASED_IDLE_MS = 10**10  # a released message looks abandoned for ages: claimed at once
@@ -245,12 +245,16 @@ class RedisSubscription(Subscription):
             self._next_claim = time.monotonic() + self._claim_every
             if claimed := await self._claim(max_count):
                 return claimed
+        acks, self._acks = self._acks, []
         try:
-            reply: Any = await self._broker.client.xreadgroup(
-                GROUP, self._name, {self._stream: '>'}, count=max_count, block=BLOCK_MS)
-        except ResponseError as exc:
+            reply = await self._read(acks, max_count)
+        except BaseException as exc:
+            self._acks[:0] = acks  # acking twice is harmless; not acking would redeliver
+            if not isinstance(exc, ResponseError):
+                raise
             if 'NOGROUP' not in str(exc):
                 raise
+            self._acks.clear()  # the group and its pending entries are gone
             self._broker.log.warning('Consumer group of %s is gone (Redis restarted?); '
                                      'creating it again', self._queue)
             await self.create_group()
@@ -258,6 +262,19 @@ class RedisSubscription(Subscription):
         if not reply:
             return []
         return [_delivery(entry_id, fields) for entry_id, fields in reply[0][1] if fields]
+
+    async def _read(self, acks: list[bytes], max_count: int) -> Any:
+        client = self._broker.client
+        if not acks:
+            return await client.xreadgroup(GROUP, self._name, {self._stream: '>'},
+                                           count=max_count, block=BLOCK_MS)
+        # The acks of the last batch ride along with the next read: one round trip for both.
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xack(self._stream, GROUP, *acks)
+            pipe.xdel(self._stream, *acks)
+            pipe.xreadgroup(GROUP, self._name, {self._stream: '>'}, count=max_count,
+                            block=BLOCK_MS)
+            return (await pipe.execute())[-1]
 
     async def _claim(self, max_count: int) -> list[Delivery]:
         """Take over messages idle past the visibility timeout (their consumer died)."""
@@ -282,8 +299,8 @@ class RedisSubscription(Subscription):
         return claimed
 
     async def ack(self, delivery: Delivery) -> None:
-        # Acks are coalesced: while one flush is in flight the next ones gather, so a
-        # busy consumer acks in batches and an idle one at once.
+        # Acks are coalesced: the next fetch carries them (see _read), or, if none comes
+        # at once, a flush task; while a flush is in flight the next acks gather.
         self._acks.append(delivery.handle)
         if self._ack_flush is None or self._ack_flush.done():
             self._ack_flush = asyncio.create_task(self._flush_acks())
@@ -291,6 +308,7 @@ class RedisSubscription(Subscription):
             await asyncio.shield(self._ack_flush)
 
     async def _flush_acks(self) -> None:
+        await asyncio.sleep(0)  # a fetch about to start takes the acks along
         client = self._broker.client
         while self._acks:
             ids, self._acks = self._acks, []

@@ -1,0 +1,96 @@
+"""``make bench``: every system, every scenario, each in a fresh process; medians of rounds.
+
+Prints a table with the ratio of microagent_mq to the raw client doing the same work, and
+writes ``bench/results.json``. Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROUNDS = 3
+# (scenario, messages per run, figure) for each broker
+PLAN = {
+    'memory': [('produce', 100_000, 'msg_per_s'), ('end_to_end', 100_000, 'msg_per_s'),
+               ('drain', 100_000, 'msg_per_s'), ('round_trip', 1000, 'p50_us')],
+    'redis': [('produce', 5000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
+              ('end_to_end', 5000, 'msg_per_s'), ('drain', 20_000, 'msg_per_s'),
+              ('round_trip', 1000, 'p50_us')],
+    'amqp': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
+             ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
+             ('round_trip', 1000, 'p50_us')],
+}
+
+
+def run_one(system: str, scenario: str, n: int, uvloop: bool) -> dict[str, float]:
+    command = [sys.executable, '-m', 'bench.scenarios', system, scenario, str(n)]
+    if uvloop:
+        command.append('--uvloop')
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    return {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--brokers', nargs='*', default=list(PLAN))
+    parser.add_argument('--rounds', type=int, default=ROUNDS)
+    parser.add_argument('--uvloop', action='store_true', help='run every system on uvloop')
+    args = parser.parse_args()
+    started = time.monotonic()
+    results: dict[str, dict[str, dict[str, object]]] = {}
+    rows = []
+    for broker in args.brokers:
+        for scenario, n, figure in PLAN[broker]:
+            runs: dict[str, list[dict[str, float]]] = {broker: [], f'{broker}-raw': []}
+            for _ in range(args.rounds):  # alternate, so drift hits both alike
+                for system in runs:
+                    runs[system].append(run_one(system, scenario, n, args.uvloop))
+            entry: dict[str, object] = {'n': n}
+            for system, samples in runs.items():
+                entry[system] = {key: summarise([s[key] for s in samples]) for key in samples[0]}
+            ours = entry[broker][figure]['median']  # type: ignore[index]
+            raw = entry[f'{broker}-raw'][figure]['median']  # type: ignore[index]
+            # A ratio above 1 is better for us: throughput ours/raw, latency raw/ours.
+            ratio = ours / raw if figure == 'msg_per_s' else raw / ours
+            entry['ratio'] = ratio
+            results.setdefault(broker, {})[scenario] = entry
+            extra = ''
+            if scenario == 'drain':
+                extra = f"rss {entry[broker]['rss_mb']['median']:.0f} MB"  # type: ignore[index]
+            if scenario == 'round_trip':
+                extra = (f"p99 {entry[broker]['p99_us']['median']:.0f} vs "  # type: ignore[index]
+                         f"{entry[f'{broker}-raw']['p99_us']['median']:.0f} µs")  # type: ignore[index]
+            rows.append((broker, scenario, n, figure, entry[broker][figure],  # type: ignore[index]
+                         entry[f'{broker}-raw'][figure], ratio, extra))  # type: ignore[index]
+            print(_row(rows[-1]), flush=True)
+    Path(__file__).with_name('results.json').write_text(json.dumps(
+        {'rounds': args.rounds, 'uvloop': args.uvloop, 'results': results}, indent=2))
+    print(f'\n{"broker":7} {"scenario":11} {"n":>7} {"figure":9} {"ours (min-max)":>26} '
+          f'{"raw (min-max)":>26} {"ratio":>6}')
+    for row in rows:
+        print(_row(row))
+    print(f'\n{args.rounds} rounds, medians; ratio > 1 favours microagent_mq; '
+          f'{time.monotonic() - started:.0f} s; written bench/results.json')
+
+
+def _row(row: tuple[object, ...]) -> str:
+    broker, scenario, n, figure, ours, raw, ratio, extra = row
+    return (f'{broker:7} {scenario:11} {n:>7} {figure:9} {_fmt(ours):>26} {_fmt(raw):>26} '
+            f'{ratio:6.2f} {extra}')
+
+
+def _fmt(summary: object) -> str:
+    s = summary  # type: ignore[assignment]
+    return f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"  # type: ignore[index]
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,237 @@
+"""The systems measured: microagent_mq on each broker, and the raw client doing the same work."""
+
+import asyncio
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+REDIS_DSN = 'redis://127.0.0.1:6379/14'
+AMQP_DSN = 'amqp://guest:guest@127.0.0.1:5672/'
+BATCH = 32  # the raw consumers fetch / prefetch as many as ours does by default (+1 handler)
+
+
+def message(i: int) -> dict[str, Any]:
+    return {'user_id': i, 'text': 'hello'}
+
+
+class Counter:
+    """Counts handler calls; wakes a waiter at a target count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.target = 0
+        self.done: asyncio.Future[float] | None = None
+
+    def expect(self, total: int) -> 'asyncio.Future[float]':
+        self.target = total
+        self.done = asyncio.get_running_loop().create_future()
+        return self.done
+
+    def __call__(self, **data: Any) -> None:
+        self.count += 1
+        if self.count >= self.target and self.done is not None and not self.done.done():
+            self.done.set_result(time.perf_counter())
+
+
+class System(ABC):
+    """What every measured system does."""
+
+    def __init__(self) -> None:
+        self.queue = f'bench_{uuid.uuid4().hex[:10]}'
+        self.handled = Counter()
+
+    @abstractmethod
+    async def setup(self) -> None: ...
+
+    @abstractmethod
+    async def send(self, data: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    async def send_many(self, items: list[dict[str, Any]]) -> None: ...
+
+    @abstractmethod
+    async def start_consumer(self) -> None: ...
+
+    @abstractmethod
+    async def teardown(self) -> None: ...
+
+
+class Ours(System):
+    """microagent_mq: an agent with one consumer, sending through ``broker.<queue>``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    async def setup(self) -> None:
+        from microagent_mq import MicroAgent, Queue, consumer
+
+        queue = Queue(self.queue)
+        handled = self.handled
+
+        class BenchAgent(MicroAgent):
+            @consumer(queue, timeout=30)
+            async def handle(self, **data: Any) -> None:
+                handled(**data)
+
+        if self.kind == 'memory':
+            from microagent_mq.tools.memory import MemoryBroker
+            self.broker: Any = MemoryBroker(f'memory://{self.queue}')
+        elif self.kind == 'redis':
+            from microagent_mq.tools.redis import RedisBroker
+            self.broker = RedisBroker(REDIS_DSN, prefix='bench:')
+        else:
+            from microagent_mq.tools.amqp import AMQPBroker
+            self.broker = AMQPBroker(AMQP_DSN)
+        self.agent = BenchAgent(broker=self.broker)
+        self.bound = getattr(self.broker, self.queue)
+        await self.bound.length()  # connect before timing
+
+    async def send(self, data: dict[str, Any]) -> None:
+        await self.bound.send(data)
+
+    async def send_many(self, items: list[dict[str, Any]]) -> None:
+        await self.bound.send_many(items)
+
+    async def start_consumer(self) -> None:
+        await self.agent.start()
+
+    async def teardown(self) -> None:
+        await self.agent.stop(grace=1)
+        await self.broker.close()
+        await _cleanup(self.kind, self.queue)
+
+
+class RawMemory(System):
+    """asyncio.Queue with the same JSON encode / decode."""
+
+    async def setup(self) -> None:
+        self.q: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def send(self, data: dict[str, Any]) -> None:
+        self.q.put_nowait(orjson.dumps(data))
+
+    async def send_many(self, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            self.q.put_nowait(orjson.dumps(item))
+
+    async def start_consumer(self) -> None:
+        async def consume() -> None:
+            while True:
+                self.handled(**orjson.loads(await self.q.get()))
+        self.task = asyncio.create_task(consume())
+
+    async def teardown(self) -> None:
+        if hasattr(self, 'task'):
+            self.task.cancel()
+
+
+class RawRedis(System):
+    """redis-py with the same stream commands: XADD; XREADGROUP batches; XACK + XDEL."""
+
+    async def setup(self) -> None:
+        import redis.asyncio as aioredis
+        self.r = aioredis.Redis.from_url(REDIS_DSN)
+        self.stream = f'bench:{self.queue}'
+        await self.r.xgroup_create(self.stream, 'g', id='0', mkstream=True)
+
+    async def send(self, data: dict[str, Any]) -> None:
+        await self.r.xadd(self.stream, {'body': orjson.dumps(data), 'id': 'x'})
+
+    async def send_many(self, items: list[dict[str, Any]]) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            for item in items:
+                pipe.xadd(self.stream, {'body': orjson.dumps(item), 'id': 'x'})
+            await pipe.execute()
+
+    async def start_consumer(self) -> None:
+        self.stopping = False
+
+        async def consume() -> None:
+            while not self.stopping:  # a flag: redis-py may swallow a cancel mid-command
+                reply: Any = await self.r.xreadgroup('g', 'c', {self.stream: '>'}, count=BATCH,
+                                                     block=100)
+                if not reply:
+                    continue
+                ids = []
+                for entry_id, fields in reply[0][1]:
+                    self.handled(**orjson.loads(fields[b'body']))
+                    ids.append(entry_id)
+                async with self.r.pipeline(transaction=False) as pipe:
+                    pipe.xack(self.stream, 'g', *ids)
+                    pipe.xdel(self.stream, *ids)
+                    await pipe.execute()
+        self.task = asyncio.create_task(consume())
+
+    async def teardown(self) -> None:
+        if hasattr(self, 'task'):
+            self.stopping = True
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.r.delete(self.stream)
+        await self.r.aclose()
+
+
+class RawAMQP(System):
+    """aio-pika with the same confirms, persistence and acks."""
+
+    async def setup(self) -> None:
+        import aio_pika
+        self.aio_pika = aio_pika
+        self.connection = await aio_pika.connect_robust(AMQP_DSN)
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        await self.channel.declare_queue(self.queue, durable=True)
+
+    async def send(self, data: dict[str, Any]) -> None:
+        await self.channel.default_exchange.publish(self._message(data), self.queue)
+
+    def _message(self, data: dict[str, Any]) -> Any:
+        return self.aio_pika.Message(orjson.dumps(data), message_id='x',
+                                     delivery_mode=self.aio_pika.DeliveryMode.PERSISTENT,
+                                     headers={'x-attempt': 1})
+
+    async def send_many(self, items: list[dict[str, Any]]) -> None:
+        await asyncio.gather(*(self.channel.default_exchange.publish(self._message(item),
+                                                                     self.queue) for item in items))
+
+    async def start_consumer(self) -> None:
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=BATCH + 1)
+        queue = await channel.declare_queue(self.queue, durable=True)
+
+        async def on_message(msg: Any) -> None:
+            self.handled(**orjson.loads(msg.body))
+            await msg.ack()
+        await queue.consume(on_message)
+
+    async def teardown(self) -> None:
+        await self.channel.queue_delete(self.queue)
+        await self.connection.close()
+
+
+async def _cleanup(kind: str, queue: str) -> None:
+    if kind == 'redis':
+        import redis.asyncio as aioredis
+        r = aioredis.Redis.from_url(REDIS_DSN)
+        await r.delete(f'bench:{queue}', f'bench:{queue}.dlq', f'bench:{queue}:delayed')
+        await r.aclose()
+    elif kind == 'amqp':
+        import aio_pika
+        connection = await aio_pika.connect(AMQP_DSN)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+            await channel.queue_delete(f'{queue}.dlq')
+
+
+SYSTEMS: dict[str, Callable[[], System]] = {
+    'memory': lambda: Ours('memory'),
+    'memory-raw': RawMemory,
+    'redis': lambda: Ours('redis'),
+    'redis-raw': RawRedis,
+    'amqp': lambda: Ours('amqp'),
+    'amqp-raw': RawAMQP,
+}
