@@ -175,7 +175,11 @@ class AbstractQueueBroker(ABC):
         return queue
 
     def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
-        if options and (unknown := options.keys() - SEND_OPTIONS):
+        if not options:  # the common case, checked cheaply
+            queue = Queue.get(name)
+            if not queue.is_exchange:
+                return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,))
+        elif unknown := options.keys() - SEND_OPTIONS:
             raise ConfigurationError(f'unknown send options {sorted(unknown)}')
         topic = options.get('topic') or ''
         delay = options.get('delay') or 0.0

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from .consumer import Consumer, PoisonMessage
 from .control import Reject, Retry
+from .deadlines import Deadlines
 from .transport import Delivery, Subscription
 
 FETCH_BACKOFF_MAX_S = 5.0
@@ -35,6 +36,7 @@ class ConsumerRunner:
         self._stopping = False
         self._in_handler = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._deadlines = Deadlines(consumer.timeout)
 
     def start(self) -> None:
         """Start fetching in a task owned by this runner."""
@@ -64,6 +66,7 @@ class ConsumerRunner:
         if loop_task is not None and loop_task.done() and not loop_task.cancelled():
             if exc := loop_task.exception():
                 self.log.error('Consumer loop of %s failed: %r', self._queue, exc)
+        self._deadlines.close()
         if self._buffer:
             await self._settle(self._sub.release, list(self._buffer))
             self._buffer.clear()
@@ -133,25 +136,30 @@ class ConsumerRunner:
         if time.monotonic() - delivery.received_at > self._renew_after:
             if not await self._renew(delivery):
                 return  # another consumer took it over
+        task = asyncio.current_task()
+        assert task is not None
+        outcome: BaseException | None = None
+        self._deadlines.start(task)
         try:
-            async with asyncio.timeout(consumer.timeout):
-                await consumer.handler(**kwargs)
-        except Retry as exc:
-            await self._failed(delivery, exc.reason, exc.delay)
-        except Reject as exc:
-            await self._dead_letter(delivery, f'rejected: {exc.reason}')
-        except TimeoutError:
+            await consumer.handler(**kwargs)
+        except BaseException as exc:  # judged below, in one place
+            outcome = exc
+        if self._deadlines.finish(task):
             await self._failed(delivery, f'timed out after {consumer.timeout}s')
-        except asyncio.CancelledError:
-            if self._stopping:  # cancelled by stop() past its grace: not the message's fault
-                await self._settle(self._sub.release, [delivery])
-            raise
-        except Exception as exc:
-            self.log.warning('Handler %s failed on message %s (attempt %d)',
-                             consumer.name, delivery.message_id, delivery.attempt, exc_info=True)
-            await self._failed(delivery, f'{type(exc).__name__}: {exc}')
-        else:
+        elif outcome is None:
             await self._settle(self._sub.ack, delivery)
+        elif isinstance(outcome, Retry):
+            await self._failed(delivery, outcome.reason, outcome.delay)
+        elif isinstance(outcome, Reject):
+            await self._dead_letter(delivery, f'rejected: {outcome.reason}')
+        elif isinstance(outcome, Exception):
+            self.log.warning('Handler %s failed on message %s (attempt %d)', consumer.name,
+                             delivery.message_id, delivery.attempt, exc_info=outcome)
+            await self._failed(delivery, f'{type(outcome).__name__}: {outcome}')
+        else:  # cancelled by stop() past its grace (not the message's fault), or exiting
+            if self._stopping:
+                await self._settle(self._sub.release, [delivery])
+            raise outcome
 
     async def _renew(self, delivery: Delivery) -> bool:
         try:

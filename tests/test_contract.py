@@ -368,3 +368,21 @@ async def test_two_consumers_share_a_queue(
     await first.send_many(queue.name, [{'n': i} for i in range(200)])
     items = await calls.wait_for(200)
     assert sorted(item['n'] for item in items) == list(range(200))
+
+
+async def test_timeouts_with_concurrency_hit_only_the_slow_handler(
+        broker: AbstractQueueBroker) -> None:
+    queue, calls = Queue(unique()), Calls()
+    attempts: dict[int, int] = {}
+
+    async def handler(n: int) -> None:
+        attempts[n] = attempts.get(n, 0) + 1
+        if n == 0 and attempts[n] == 1:
+            await asyncio.sleep(30)  # cancelled by the timeout
+        calls.add({'n': n, 'attempt': attempts[n]})
+
+    await start(broker, queue, handler, timeout=0.3, concurrency=3, **FAST)
+    await broker.send_many(queue.name, [{'n': i} for i in range(6)])
+    items = await calls.wait_for(6)
+    assert sorted((c['n'], c['attempt']) for c in items) == [(0, 2)] + [(i, 1) for i in range(1, 6)]
+    assert await broker.dead_letters(queue.name) == []

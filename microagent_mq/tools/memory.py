@@ -34,6 +34,8 @@ class MemoryQueue:
         self.wake()
 
     def wake(self) -> None:
+        if not self.waiters:
+            return
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             if not waiter.done() and not waiter.get_loop().is_closed():
@@ -70,7 +72,9 @@ class MemoryBroker(AbstractQueueBroker):
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
         for message in batch:
             for name in message.queues:
-                self._get(name).put(Delivery(message.body, message.message_id), message.delay)
+                # A copy of exact size: orjson's output keeps a 4 KiB buffer behind it.
+                body = bytes(memoryview(message.body))
+                self._get(name).put(Delivery(body, message.message_id), message.delay)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         return MemorySubscription(self._get(consumer.queue.name), consumer.queue.name)
