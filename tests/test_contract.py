@@ -386,3 +386,18 @@ async def test_timeouts_with_concurrency_hit_only_the_slow_handler(
     items = await calls.wait_for(6)
     assert sorted((c['n'], c['attempt']) for c in items) == [(0, 2)] + [(i, 1) for i in range(1, 6)]
     assert await broker.dead_letters(queue.name) == []
+
+
+async def test_long_retry_delay_does_not_block_a_short_one(broker: AbstractQueueBroker) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handler(name: str, delay: float) -> None:
+        calls.add({'name': name})
+        if sum(1 for c in calls.items if c['name'] == name) == 1:
+            raise Retry(delay=delay)
+
+    await start(broker, queue, handler)
+    await broker.send(queue.name, {'name': 'slow', 'delay': 60})
+    await broker.send(queue.name, {'name': 'fast', 'delay': 0.2})
+    items = await calls.wait_for(3)
+    assert [c['name'] for c in items] == ['slow', 'fast', 'fast']

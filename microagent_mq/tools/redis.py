@@ -30,7 +30,7 @@ from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..transport import DeadLetter, Delivery, Outgoing, Subscription, now_s
-from .redis_scripts import MOVE_DUE
+from .redis_scripts import ADD_MANY, MOVE_DUE
 
 GROUP = 'microagent_mq'
 BLOCK_MS = 250  # an idle XREADGROUP returns this often, so a stop never waits long for it
@@ -88,6 +88,7 @@ class RedisBroker(AbstractQueueBroker):
                 socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
             )
             self._move_due = self._client.register_script(MOVE_DUE)
+            self._add_many = self._client.register_script(ADD_MANY)
         return self._client
 
     @asynccontextmanager
@@ -113,7 +114,7 @@ class RedisBroker(AbstractQueueBroker):
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
         client = self.client
-        async with self.guard():
+        try:
             if len(batch) == 1 and len(batch[0].queues) == 1 and not batch[0].delay:
                 message = batch[0]
                 await client.xadd(self.stream_key(message.queues[0]),
@@ -121,10 +122,19 @@ class RedisBroker(AbstractQueueBroker):
                 return
             # One round trip, all or nothing: a copy for every target queue.
             pipe = client.pipeline(transaction=True)
+            now: dict[str, list[bytes | str]] = {}
             for message in batch:
                 for queue in message.queues:
-                    self._stage(pipe, queue, message.body, message.message_id, 1, message.delay)
+                    if message.delay:
+                        self._stage(pipe, queue, message.body, message.message_id, 1,
+                                    message.delay)
+                    else:
+                        now.setdefault(queue, []).extend((message.body, message.message_id))
+            for queue, pairs in now.items():
+                await self._add_many(keys=[self.stream_key(queue)], args=pairs, client=pipe)
             await pipe.execute()
+        except ERRORS as exc:
+            raise BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}') from exc
 
     def _stage(self, pipe: Any, queue: str, body: bytes, message_id: str, attempt: int,
                delay: float, error: str = '') -> None:

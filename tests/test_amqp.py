@@ -1,0 +1,55 @@
+"""RabbitMQ specifics: declarations, failures of the server."""
+
+import socket
+import time
+
+import pytest
+
+from microagent_mq import BrokerUnavailable, Queue
+from microagent_mq.tools.amqp import AMQPBroker
+
+from .conftest import AMQP_DSN, delete_amqp_queues, require_server, unique
+
+
+async def test_unreachable_rabbitmq_raises_within_bounded_time() -> None:
+    Queue('mailer')
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    broker = AMQPBroker(f'amqp://guest:s3cret@127.0.0.1:{port}/', connect_timeout=1)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as raised:
+        await broker.mailer.send({'a': 1})
+    assert 's3cret' not in str(raised.value)
+    assert time.monotonic() - started < 10
+    await broker.close()
+
+
+async def test_queue_length_does_not_create_queues() -> None:
+    require_server('amqp')
+    queue = Queue(unique())
+    broker = AMQPBroker(AMQP_DSN)
+    try:
+        assert await broker.queue_length(queue.name) == 0
+        assert await broker.queue_length(queue.name) == 0  # the channel survived the miss
+        await broker.send(queue.name, {'n': 1})
+        assert await broker.queue_length(queue.name) == 1
+    finally:
+        await broker.close()
+        await delete_amqp_queues([queue.name], [])
+
+
+async def test_delay_queues_are_durable_and_expire() -> None:
+    require_server('amqp')
+    queue = Queue(unique())
+    broker = AMQPBroker(AMQP_DSN)
+    try:
+        await broker.send(queue.name, {'n': 1}, delay=5)
+        connection = await broker.connection()
+        async with connection.channel() as channel:
+            delayed = await channel.declare_queue(f'{queue.name}.delay.5000', passive=True)
+            assert delayed.declaration_result.message_count == 1
+        assert await broker.queue_length(queue.name) == 0
+    finally:
+        await broker.close()
+        await delete_amqp_queues([queue.name, f'{queue.name}.delay.5000'], [])

@@ -1,0 +1,133 @@
+"""Redis specifics: key layout, prefixes, failures of the server itself."""
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+
+from microagent_mq import BrokerUnavailable, MicroAgent, Queue, consumer
+from microagent_mq.tools.redis import RedisBroker
+
+from .conftest import Calls, require_server, unique, wait_until
+
+
+@pytest.fixture
+def fake_broker() -> RedisBroker:
+    """A RedisBroker on fakeredis: for layout checks, where a real server adds nothing."""
+    broker = RedisBroker('redis://fake/0', prefix='app1:')
+    broker._client = fakeredis.FakeAsyncRedis()
+    return broker
+
+
+async def test_key_layout_and_fields(fake_broker: RedisBroker) -> None:
+    Queue('mailer')
+    await fake_broker.mailer.send({'user_id': 1})
+    await fake_broker.mailer.send({'user_id': 2}, delay=60)
+    client: Any = fake_broker.client
+    assert sorted(await client.keys('*')) == [b'app1:mailer', b'app1:mailer:delayed']
+    [(_, fields)] = await client.xrange('app1:mailer')
+    assert fields[b'body'] == b'{"user_id":1}'  # plain JSON: any producer can send
+    assert set(fields) == {b'body', b'id'}
+    assert await client.zcard('app1:mailer:delayed') == 1
+    assert await fake_broker.queue_length('mailer') == 1  # the delayed one is not waiting
+
+
+async def test_prefixes_keep_applications_apart() -> None:
+    require_server('redis')
+    Queue('shared_name')
+    first = RedisBroker('redis://127.0.0.1:6379/15', prefix=f'{unique("a")}:')
+    second = RedisBroker('redis://127.0.0.1:6379/15', prefix=f'{unique("b")}:')
+    try:
+        await first.shared_name.send({'n': 1})
+        await first.shared_name.send({'n': 2})
+        assert await first.shared_name.length() == 2
+        assert await second.shared_name.length() == 0
+    finally:
+        for broker in (first, second):
+            await broker.client.delete(broker.stream_key('shared_name'))
+            await broker.close()
+
+
+async def test_unreachable_redis_raises_within_bounded_time() -> None:
+    Queue('mailer')
+    broker = RedisBroker(f'redis://127.0.0.1:{_free_port()}/0', send_retries=2,
+                         connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=r'Redis at redis://127\.0\.0\.1:\d+/0'):
+        await broker.mailer.send({'a': 1})
+    assert time.monotonic() - started < 10
+    await broker.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
+    """A Redis server of this test's own, so that killing it disturbs nobody else."""
+    binary = shutil.which('redis-server')
+    if binary is None:
+        if os.environ.get('CI') == 'true':
+            pytest.fail('redis-server is not installed (CI=true: this test must run)')
+        pytest.skip('redis-server is not installed')
+    port = _free_port()
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([binary, '--port', str(port), '--bind', '127.0.0.1', '--save', '',
+                                 '--appendonly', 'no', '--dir', str(tmp_path)],
+                                stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(('127.0.0.1', port), timeout=0.2).close()
+                return proc
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError('redis-server did not start')
+
+    procs = [start()]
+
+    def restart() -> None:
+        procs[-1].kill()
+        procs[-1].wait()
+        procs.append(start())
+
+    yield port, restart
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+async def test_consumer_survives_a_redis_restart(own_redis: tuple[int, Any]) -> None:
+    port, restart = own_redis
+    queue, calls = Queue(unique()), Calls()
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n})
+
+    dsn = f'redis://127.0.0.1:{port}/0'
+    consuming, sending = RedisBroker(dsn), RedisBroker(dsn)
+    agent = Agent(broker=consuming)
+    await agent.start()
+    await sending.send(queue.name, {'n': 1})
+    await calls.wait_for(1)
+    await asyncio.to_thread(restart)  # the data is gone with it: the group must come back
+    for n in range(2, 6):
+        await sending.send(queue.name, {'n': n})
+    await wait_until(lambda: sorted({c['n'] for c in calls.items}) == [1, 2, 3, 4, 5],
+                     timeout_s=30, what='messages after the restart')
+    await agent.stop(grace=1)
+    await sending.close()
