@@ -36,6 +36,7 @@ GROUP = 'microagent_mq'
 BLOCK_MS = 250  # an idle XREADGROUP returns this often, so a stop never waits long for it
 DELAYED_POLL_S = 0.05
 ACK_BACKLOG = 1000  # past this many unflushed acks, acking waits for the flush
+ACK_DELAY_S = 0.002  # acks no fetch has carried by then are flushed on their own
 RELEASED_IDLE_MS = 10**10  # a released message looks abandoned for ages: claimed at once
 ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -241,6 +242,7 @@ class RedisSubscription(Subscription):
         self._next_claim = 0.0  # claim first: messages released or abandoned earlier
         self._acks: list[bytes] = []
         self._ack_flush: asyncio.Task[None] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     async def create_group(self) -> None:
         """Create the group at the stream's start: nothing sent before it is missed."""
@@ -256,6 +258,9 @@ class RedisSubscription(Subscription):
             if claimed := await self._claim(max_count):
                 return claimed
         acks, self._acks = self._acks, []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         try:
             reply = await self._read(acks, max_count)
         except BaseException as exc:
@@ -309,16 +314,24 @@ class RedisSubscription(Subscription):
         return claimed
 
     async def ack(self, delivery: Delivery) -> None:
-        # Acks are coalesced: the next fetch carries them (see _read), or, if none comes
-        # at once, a flush task; while a flush is in flight the next acks gather.
+        # Acks are coalesced: the next fetch carries them (see _read); those it has not
+        # carried within ACK_DELAY_S go in a flush of their own. A timer, not a task per
+        # ack: the common case (a fetch comes first) only arms and disarms it.
         self._acks.append(delivery.handle)
-        if self._ack_flush is None or self._ack_flush.done():
-            self._ack_flush = asyncio.create_task(self._flush_acks())
-        elif len(self._acks) > ACK_BACKLOG:
+        if self._ack_timer is None and not self._flushing():
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._start_flush)
+        elif len(self._acks) > ACK_BACKLOG and self._ack_flush is not None:
             await asyncio.shield(self._ack_flush)
 
+    def _flushing(self) -> bool:
+        return self._ack_flush is not None and not self._ack_flush.done()
+
+    def _start_flush(self) -> None:
+        self._ack_timer = None
+        if self._acks and not self._flushing():
+            self._ack_flush = asyncio.create_task(self._flush_acks())
+
     async def _flush_acks(self) -> None:
-        await asyncio.sleep(0)  # a fetch about to start takes the acks along
         client = self._broker.client
         while self._acks:
             ids, self._acks = self._acks, []
@@ -366,8 +379,13 @@ class RedisSubscription(Subscription):
         self._next_claim = 0.0
 
     async def close(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         if self._ack_flush is not None:
             await asyncio.gather(self._ack_flush, return_exceptions=True)
+        if self._acks:
+            await self._flush_acks()
         client = self._broker.client
         try:
             mine = await client.xpending_range(self._stream, GROUP, '-', '+', 1,
