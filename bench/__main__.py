@@ -63,8 +63,11 @@ def main() -> None:
             entry['ratio'] = ratio
             results.setdefault(broker, {})[scenario] = entry
             extra = ''
+            if scenario in ('end_to_end', 'drain'):
+                extra = (f"cpu {entry[broker]['cpu_us']['median']:.0f} vs "  # type: ignore[index]
+                         f"{entry[f'{broker}-raw']['cpu_us']['median']:.0f} µs/msg ")  # type: ignore[index]
             if scenario == 'drain':
-                extra = f"rss {entry[broker]['rss_mb']['median']:.0f} MB"  # type: ignore[index]
+                extra += f"rss {entry[broker]['rss_mb']['median']:.0f} MB"  # type: ignore[index]
             if scenario == 'round_trip':
                 extra = (f"p99 {entry[broker]['p99_us']['median']:.0f} vs "  # type: ignore[index]
                          f"{entry[f'{broker}-raw']['p99_us']['median']:.0f} µs")  # type: ignore[index]

@@ -74,8 +74,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
+def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[int, Any]]:
     """A Redis server of this test's own, so that killing it disturbs nobody else."""
+    extra = list(getattr(request, 'param', []))
     binary = shutil.which('redis-server')
     if binary is None:
         if os.environ.get('CI') == 'true':
@@ -85,7 +86,7 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([binary, '--port', str(port), '--bind', '127.0.0.1', '--save', '',
-                                 '--appendonly', 'no', '--dir', str(tmp_path)],
+                                 '--appendonly', 'no', '--dir', str(tmp_path), *extra],
                                 stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -131,3 +132,20 @@ async def test_consumer_survives_a_redis_restart(own_redis: tuple[int, Any]) -> 
                      timeout_s=30, what='messages after the restart')
     await agent.stop(grace=1)
     await sending.close()
+
+
+@pytest.mark.parametrize('own_redis', [['--requirepass', 's3cret']], indirect=True)
+async def test_password_in_dsn_works_and_stays_secret(own_redis: tuple[int, Any],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    port, _ = own_redis
+    Queue('mailer')
+    broker = RedisBroker(f'redis://:s3cret@127.0.0.1:{port}/0')
+    await broker.mailer.send({'a': 1})
+    assert await broker.mailer.length() == 1
+    await broker.close()
+    wrong = RedisBroker(f'redis://:wrong-s3cret@127.0.0.1:{port}/0', send_retries=0)
+    with pytest.raises(BrokerUnavailable, match=r'redis://:\*\*\*@127') as raised:
+        await wrong.mailer.send({'a': 1})
+    assert 'wrong-s3cret' not in str(raised.value)
+    assert 'wrong-s3cret' not in repr(wrong) and 'wrong-s3cret' not in caplog.text
+    await wrong.close()
