@@ -5,7 +5,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 
 
-async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0,
+async def wait_until(condition: Callable[[], object | Awaitable[object]], timeout_s: float = 10.0,
                      interval_s: float = 0.01) -> None:
     """Poll ``condition`` (sync or async) until it is true; ``TimeoutError`` after ``timeout_s``."""
     async with asyncio.timeout(timeout_s):

@@ -1,7 +1,6 @@
 """Fixtures: one ``broker`` fixture parametrised over every transport, real servers only."""
 
 import asyncio
-import inspect
 import os
 import socket
 import uuid
@@ -10,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from microagent_mq import Queue
+from microagent_mq import Queue, testing
 from microagent_mq.broker import AbstractQueueBroker
 
 REDIS_DSN = os.environ.get('TEST_REDIS_DSN', 'redis://127.0.0.1:6379/15')
@@ -119,17 +118,11 @@ async def delete_amqp_queues(queues: list[str], exchanges: list[str]) -> None:
 
 async def wait_until(condition: Callable[[], Awaitable[object] | object], timeout_s: float = 20.0,
                      what: str = 'condition') -> None:
-    """Poll ``condition`` until true, failing after ``timeout_s`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f'timed out waiting for {what}')
-        await asyncio.sleep(0.01)
+    """Poll ``condition`` until true, failing the test after ``timeout_s`` seconds."""
+    try:
+        await testing.wait_until(condition, timeout_s)
+    except TimeoutError:
+        pytest.fail(f'timed out waiting for {what}')
 
 
 class Calls:
