@@ -1,14 +1,16 @@
 """RabbitMQ specifics: declarations, failures of the server."""
 
+import asyncio
 import socket
+import subprocess
 import time
 
 import pytest
 
-from microagent_mq import BrokerUnavailable, Queue
+from microagent_mq import BrokerUnavailable, MicroAgent, Queue, consumer
 from microagent_mq.tools.amqp import AMQPBroker
 
-from .conftest import AMQP_DSN, delete_amqp_queues, require_server, unique
+from .conftest import AMQP_DSN, Calls, delete_amqp_queues, require_server, unique, wait_until
 
 
 async def test_unreachable_rabbitmq_raises_within_bounded_time() -> None:
@@ -53,3 +55,39 @@ async def test_delay_queues_are_durable_and_expire() -> None:
     finally:
         await broker.close()
         await delete_amqp_queues([queue.name, f'{queue.name}.delay.5000'], [])
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(['rabbitmqctl', *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.timeout(180)
+async def test_consumers_and_senders_survive_a_rabbitmq_restart() -> None:
+    require_server('amqp')
+    queue, calls = Queue(unique()), Calls()
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n})
+
+    consuming, sending = AMQPBroker(AMQP_DSN), AMQPBroker(AMQP_DSN, send_timeout=60)
+    agent = Agent(broker=consuming)
+    await agent.start()
+    try:
+        await sending.send(queue.name, {'n': 1})
+        await calls.wait_for(1)
+        try:
+            await asyncio.to_thread(_rabbitmqctl, 'stop_app')
+            restarting = asyncio.create_task(asyncio.to_thread(_rabbitmqctl, 'start_app'))
+            for n in range(2, 6):  # sent while RabbitMQ comes back: retried, then confirmed
+                await sending.send(queue.name, {'n': n})
+            await restarting
+        finally:
+            await asyncio.to_thread(_rabbitmqctl, 'start_app')  # never leave it stopped
+        await wait_until(lambda: {c['n'] for c in calls.items} == {1, 2, 3, 4, 5},
+                         timeout_s=60, what='messages after the restart')
+    finally:
+        await agent.stop(grace=1)
+        await sending.close()
+        await delete_amqp_queues([queue.name], [])
