@@ -48,14 +48,15 @@ class ConsumerRunner:
         self._stopping = True
         self._room.set()
         loop_task = self._loop_task
-        if loop_task is not None and not self._in_handler:
+        inline = self._in_handler  # the loop task itself is running a handler
+        if loop_task is not None and not inline:
             loop_task.cancel()  # waiting for messages or for a free slot: nothing to finish
         waiting = {*self._tasks, *([loop_task] if loop_task else [])}
         if waiting:
             _, late = await asyncio.wait(waiting, timeout=grace)
             for task in late:
                 self.log.warning('%s of %s still running after %.1fs grace: cancelled',
-                                 'Fetch loop' if task is loop_task else 'Handler',
+                                 'Fetch loop' if task is loop_task and not inline else 'Handler',
                                  self._queue, grace)
                 task.cancel()
             if late:
