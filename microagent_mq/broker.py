@@ -191,6 +191,8 @@ class AbstractQueueBroker(ABC):
         if queue.is_exchange:
             targets = tuple(q.name for q in Queue.bound_to(name, topic))
             exchange = name
+            if not targets:  # as RabbitMQ does: a message no queue asked for is not stored
+                self.log.debug('No queue of exchange %s takes topic %r: not stored', name, topic)
         else:
             targets, exchange = (name,), ''
         message_id = f'{self._id_prefix}{next(self._ids):x}'
