@@ -149,3 +149,45 @@ async def test_password_in_dsn_works_and_stays_secret(own_redis: tuple[int, Any]
     assert 'wrong-s3cret' not in str(raised.value)
     assert 'wrong-s3cret' not in repr(wrong) and 'wrong-s3cret' not in caplog.text
     await wrong.close()
+
+
+async def test_buffered_messages_are_renewed_or_left_to_their_new_owner() -> None:
+    """A message that waited in one consumer's buffer past its visibility is not handled twice."""
+    require_server('redis')
+    queue = Queue(unique())
+    handled: list[tuple[str, int]] = []
+    prefix = f'test:{unique("ns")}:'
+
+    def agent_class(name: str) -> type[MicroAgent]:
+        class Agent(MicroAgent):
+            @consumer(queue, timeout=1, visibility_timeout=1.5, prefetch=8)
+            async def handle(self, n: int) -> None:
+                handled.append((name, n))
+                await asyncio.sleep(0.6)  # work: the rest of the batch waits in the buffer
+
+        return Agent
+
+    first = RedisBroker('redis://127.0.0.1:6379/15', prefix=prefix)
+    second = RedisBroker('redis://127.0.0.1:6379/15', prefix=prefix)
+    await first.send_many(queue.name, [{'n': n} for n in range(5)])
+    slow = agent_class('first')(broker=first)
+    await slow.start()  # fetches all five in one batch
+    await wait_until(lambda: len(handled) == 1, what='first message')
+    other = agent_class('second')(broker=second)
+    await other.start()  # takes over what idles past 1.5 s in the first one's buffer
+    await wait_until(lambda: sorted(n for _, n in handled) == [0, 1, 2, 3, 4], timeout_s=30,
+                     what='every message once')
+    await wait_until(lambda: _length_zero(first, queue.name), what='all acknowledged')
+    assert len(handled) == 5
+    assert {name for name, _ in handled} == {'first', 'second'}
+    await slow.stop(grace=5)
+    await other.stop(grace=5)
+    keys = [k async for k in first.client.scan_iter(match=f'{prefix}*')]
+    await first.client.delete(*keys)
+    await first.close()
+
+
+async def _length_zero(broker: RedisBroker, name: str) -> bool:
+    client: Any = broker.client
+    summary = await client.xpending(broker.stream_key(name), 'microagent_mq')
+    return int(summary['pending']) == 0 and await broker.queue_length(name) == 0

@@ -85,12 +85,12 @@ class RedisSubscription(Subscription):
         """Take over messages idle past the visibility timeout (their consumer died)."""
         client = self._broker.client
         pending: Any = await client.xpending_range(self._stream, GROUP, '-', '+', max_count,
-                                              idle=self._visibility_ms)
+                                                   idle=self._visibility_ms)
         if not pending:
             return []
         delivered = {p['message_id']: int(p['times_delivered']) for p in pending}
         entries: Any = await client.xclaim(self._stream, GROUP, self._name, self._visibility_ms,
-                                      list(delivered))
+                                           list(delivered))
         claimed = []
         for entry_id, fields in entries:
             if not fields:
