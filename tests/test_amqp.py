@@ -91,3 +91,17 @@ async def test_consumers_and_senders_survive_a_rabbitmq_restart() -> None:
         await agent.stop(grace=1)
         await sending.close()
         await delete_amqp_queues([queue.name], [])
+
+
+async def test_send_to_a_queue_deleted_behind_our_back_declares_it_again() -> None:
+    require_server('amqp')
+    queue = Queue(unique())
+    broker = AMQPBroker(AMQP_DSN)
+    try:
+        await broker.send(queue.name, {'n': 1})
+        await delete_amqp_queues([queue.name], [])  # the broker still thinks it is declared
+        await broker.send(queue.name, {'n': 2})
+        assert await broker.queue_length(queue.name) == 1
+    finally:
+        await broker.close()
+        await delete_amqp_queues([queue.name], [])

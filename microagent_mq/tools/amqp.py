@@ -61,6 +61,7 @@ class AMQPBroker(AbstractQueueBroker):
         self._channel: AbstractChannel | None = None
         self._connecting = asyncio.Lock()
         self._declared: set[str] = set()
+        self._exchanges: dict[str, AbstractExchange] = {}
 
     # connection -------------------------------------------------------------------------
 
@@ -87,12 +88,16 @@ class AMQPBroker(AbstractQueueBroker):
             return channel
         connection = await self.connection()
         if self._channel is None or self._channel.is_closed:
-            self._channel = await connection.channel(publisher_confirms=True)
+            # A message RabbitMQ cannot route to a queue (one deleted behind our back) comes
+            # back as an error, so the send declares again and retries instead of losing it.
+            self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._exchanges.clear()
         return self._channel
 
     async def _disconnect(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
+        self._exchanges.clear()
         if connection is not None:
             await connection.close()
 
@@ -150,6 +155,7 @@ class AMQPBroker(AbstractQueueBroker):
             except SEND_ERRORS as exc:
                 failures += 1
                 self._declared.clear()
+                self._exchanges.clear()
                 if time.monotonic() >= deadline:
                     raise BrokerUnavailable(
                         f'RabbitMQ at {mask_dsn(self.dsn)} did not take the message within '
@@ -168,7 +174,10 @@ class AMQPBroker(AbstractQueueBroker):
                 continue
             await self._declare_target(channel, message)
             if message.exchange:
-                exchange = await self._exchange(channel, message.exchange)
+                exchange = self._exchanges.get(message.exchange)
+                if exchange is None:
+                    exchange = await self._exchange(channel, message.exchange)
+                    self._exchanges[message.exchange] = exchange
                 publishes.append(exchange.publish(
                     _message(message.body, message.message_id, 1), message.topic, mandatory=False))
             else:
