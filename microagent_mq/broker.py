@@ -175,11 +175,10 @@ class AbstractQueueBroker(ABC):
         return queue
 
     def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
-        if not options:  # the common case, checked cheaply
-            queue = Queue.get(name)
-            if not queue.is_exchange:
-                return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,))
-        elif unknown := options.keys() - SEND_OPTIONS:
+        queue = Queue.get(name)
+        if not options and not queue.is_exchange:  # the common case, checked cheaply
+            return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,))
+        if unknown := options.keys() - SEND_OPTIONS:
             raise ConfigurationError(f'unknown send options {sorted(unknown)}')
         topic = options.get('topic') or ''
         delay = options.get('delay') or 0.0
@@ -187,7 +186,6 @@ class AbstractQueueBroker(ABC):
             raise ConfigurationError(f'invalid topic {topic!r}: dot-separated words expected')
         if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
             raise ConfigurationError(f'invalid delay {delay!r}: seconds >= 0 expected')
-        queue = Queue.get(name)
         if queue.is_exchange:
             targets = tuple(q.name for q in Queue.bound_to(name, topic))
             exchange = name

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 
 class Delivery:
     """A message fetched for a consumer, not yet settled."""
@@ -49,8 +51,6 @@ class DeadLetter:
     @property
     def data(self) -> Any:
         """The body parsed as JSON, or the raw text when it is not JSON."""
-        import orjson
-
         try:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError:

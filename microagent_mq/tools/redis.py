@@ -93,7 +93,10 @@ class RedisBroker(AbstractQueueBroker):
         try:
             yield
         except ERRORS as exc:
-            raise BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}') from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> BrokerUnavailable:
+        return BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}')
 
     async def _disconnect(self) -> None:
         if self._mover is not None:
@@ -129,8 +132,8 @@ class RedisBroker(AbstractQueueBroker):
             for queue, pairs in now.items():
                 await self._add_many(keys=[self.stream_key(queue)], args=pairs, client=pipe)
             await pipe.execute()
-        except ERRORS as exc:
-            raise BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}') from exc
+        except ERRORS as exc:  # as guard() does, without a context manager on the hot path
+            raise self._unavailable(exc) from exc
 
     def _stage(self, pipe: Any, queue: str, body: bytes, message_id: str, attempt: int,
                delay: float, error: str = '') -> None:
