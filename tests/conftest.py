@@ -3,6 +3,7 @@
 import asyncio
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -41,6 +42,18 @@ def _fresh_registry() -> Iterator[None]:
     Queue.reset()
     yield
     Queue.reset()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for 'server unreachable' tests)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+def rabbitmqctl(*args: str) -> None:
+    """Run ``rabbitmqctl`` on the local node; a real fault for RabbitMQ tests."""
+    subprocess.run(['rabbitmqctl', *args], check=True, capture_output=True, timeout=120)
 
 
 def unique(prefix: str = 'q') -> str:

@@ -1,24 +1,35 @@
 """RabbitMQ specifics: declarations, failures of the server."""
 
 import asyncio
-import socket
-import subprocess
 import time
 
 import pytest
 
 from microagent_mq import BrokerUnavailable, MicroAgent, Queue, consumer
+from microagent_mq.broker import AbstractQueueBroker
 from microagent_mq.tools.amqp import AMQPBroker
 
-from .conftest import AMQP_DSN, Calls, delete_amqp_queues, require_server, unique, wait_until
+from .conftest import (
+    AMQP_DSN,
+    Calls,
+    delete_amqp_queues,
+    free_port,
+    rabbitmqctl,
+    require_server,
+    unique,
+    wait_until,
+)
+
+
+@pytest.fixture
+def broker_kind() -> str:
+    """conftest's ``broker`` fixture, on RabbitMQ only: it closes and deletes what was declared."""
+    return 'amqp'
 
 
 async def test_unreachable_rabbitmq_raises_within_bounded_time() -> None:
     Queue('mailer')
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
-    broker = AMQPBroker(f'amqp://guest:s3cret@127.0.0.1:{port}/', connect_timeout=1)
+    broker = AMQPBroker(f'amqp://guest:s3cret@127.0.0.1:{free_port()}/', connect_timeout=1)
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable) as raised:
         await broker.mailer.send({'a': 1})
@@ -27,38 +38,24 @@ async def test_unreachable_rabbitmq_raises_within_bounded_time() -> None:
     await broker.close()
 
 
-async def test_queue_length_does_not_create_queues() -> None:
-    require_server('amqp')
+async def test_queue_length_does_not_create_queues(broker: AbstractQueueBroker) -> None:
     queue = Queue(unique())
-    broker = AMQPBroker(AMQP_DSN)
-    try:
-        assert await broker.queue_length(queue.name) == 0
-        assert await broker.queue_length(queue.name) == 0  # the channel survived the miss
-        await broker.send(queue.name, {'n': 1})
-        assert await broker.queue_length(queue.name) == 1
-    finally:
-        await broker.close()
-        await delete_amqp_queues([queue.name], [])
+    assert await broker.queue_length(queue.name) == 0
+    assert await broker.queue_length(queue.name) == 0  # the channel survived the miss
+    await broker.send(queue.name, {'n': 1})
+    assert await broker.queue_length(queue.name) == 1
 
 
-async def test_delay_queues_are_durable_and_expire() -> None:
-    require_server('amqp')
+async def test_delay_queues_are_durable_and_expire(broker: AMQPBroker) -> None:
     queue = Queue(unique())
-    broker = AMQPBroker(AMQP_DSN)
-    try:
-        await broker.send(queue.name, {'n': 1}, delay=5)
-        connection = await broker.connection()
-        async with connection.channel() as channel:
-            delayed = await channel.declare_queue(f'{queue.name}.delay.5000', passive=True)
-            assert delayed.declaration_result.message_count == 1
-        assert await broker.queue_length(queue.name) == 0
-    finally:
-        await broker.close()
-        await delete_amqp_queues([queue.name, f'{queue.name}.delay.5000'], [])
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(['rabbitmqctl', *args], check=True, capture_output=True, timeout=120)
+    delay_queue = f'{queue.name}.delay.5000'
+    await broker.send(queue.name, {'n': 1}, delay=5)
+    connection = await broker.connection()
+    async with connection.channel() as channel:
+        delayed = await channel.declare_queue(delay_queue, passive=True)
+        assert delayed.declaration_result.message_count == 1
+        await channel.queue_delete(delay_queue)  # it would expire by itself a minute later
+    assert await broker.queue_length(queue.name) == 0
 
 
 @pytest.mark.timeout(180)
@@ -78,13 +75,13 @@ async def test_consumers_and_senders_survive_a_rabbitmq_restart() -> None:
         await sending.send(queue.name, {'n': 1})
         await calls.wait_for(1)
         try:
-            await asyncio.to_thread(_rabbitmqctl, 'stop_app')
-            restarting = asyncio.create_task(asyncio.to_thread(_rabbitmqctl, 'start_app'))
+            await asyncio.to_thread(rabbitmqctl, 'stop_app')
+            restarting = asyncio.create_task(asyncio.to_thread(rabbitmqctl, 'start_app'))
             for n in range(2, 6):  # sent while RabbitMQ comes back: retried, then confirmed
                 await sending.send(queue.name, {'n': n})
             await restarting
         finally:
-            await asyncio.to_thread(_rabbitmqctl, 'start_app')  # never leave it stopped
+            await asyncio.to_thread(rabbitmqctl, 'start_app')  # never leave it stopped
         await wait_until(lambda: {c['n'] for c in calls.items} == {1, 2, 3, 4, 5},
                          timeout_s=60, what='messages after the restart')
     finally:
@@ -93,15 +90,10 @@ async def test_consumers_and_senders_survive_a_rabbitmq_restart() -> None:
         await delete_amqp_queues([queue.name], [])
 
 
-async def test_send_to_a_queue_deleted_behind_our_back_declares_it_again() -> None:
-    require_server('amqp')
+async def test_send_to_a_queue_deleted_behind_our_back_declares_it_again(
+        broker: AbstractQueueBroker) -> None:
     queue = Queue(unique())
-    broker = AMQPBroker(AMQP_DSN)
-    try:
-        await broker.send(queue.name, {'n': 1})
-        await delete_amqp_queues([queue.name], [])  # the broker still thinks it is declared
-        await broker.send(queue.name, {'n': 2})
-        assert await broker.queue_length(queue.name) == 1
-    finally:
-        await broker.close()
-        await delete_amqp_queues([queue.name], [])
+    await broker.send(queue.name, {'n': 1})
+    await delete_amqp_queues([queue.name], [])  # the broker still thinks it is declared
+    await broker.send(queue.name, {'n': 2})
+    assert await broker.queue_length(queue.name) == 1

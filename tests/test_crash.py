@@ -14,7 +14,7 @@ import pytest
 from microagent_mq import Queue
 from microagent_mq.broker import AbstractQueueBroker
 
-from .conftest import make_broker, unique, wait_until
+from .conftest import cleanup, make_broker, rabbitmqctl, unique, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -69,8 +69,6 @@ async def setup(server_kind: str, tmp_path: Path) -> AsyncIterator[
     yield broker, workers
     workers.kill_all()
     await broker.close()
-    from .conftest import cleanup
-
     await cleanup(server_kind, namespace, [broker])
 
 
@@ -122,10 +120,6 @@ async def test_two_processes_share_2000_messages(
     assert await broker.queue_length(workers.queue) == 0
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(['rabbitmqctl', *args], check=True, capture_output=True, timeout=60)
-
-
 async def _cut_connections(kind: str) -> None:
     if kind == 'redis':
         import redis.asyncio as aioredis
@@ -137,7 +131,7 @@ async def _cut_connections(kind: str) -> None:
         await client.aclose()
         assert killed >= 1
     else:
-        await asyncio.to_thread(_rabbitmqctl, 'close_all_connections', 'test: cut')
+        await asyncio.to_thread(rabbitmqctl, 'close_all_connections', 'test: cut')
 
 
 async def test_server_side_disconnect_consumers_resume(

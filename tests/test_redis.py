@@ -16,7 +16,7 @@ import pytest
 from microagent_mq import BrokerUnavailable, MicroAgent, Queue, consumer
 from microagent_mq.tools.redis import RedisBroker
 
-from .conftest import Calls, require_server, unique, wait_until
+from .conftest import Calls, free_port, require_server, unique, wait_until
 
 
 @pytest.fixture
@@ -58,19 +58,13 @@ async def test_prefixes_keep_applications_apart() -> None:
 
 async def test_unreachable_redis_raises_within_bounded_time() -> None:
     Queue('mailer')
-    broker = RedisBroker(f'redis://127.0.0.1:{_free_port()}/0', send_retries=2,
+    broker = RedisBroker(f'redis://127.0.0.1:{free_port()}/0', send_retries=2,
                          connect_timeout=0.5)
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable, match=r'Redis at redis://127\.0\.0\.1:\d+/0'):
         await broker.mailer.send({'a': 1})
     assert time.monotonic() - started < 10
     await broker.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -82,7 +76,7 @@ def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[
         if os.environ.get('CI') == 'true':
             pytest.fail('redis-server is not installed (CI=true: this test must run)')
         pytest.skip('redis-server is not installed')
-    port = _free_port()
+    port = free_port()
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([binary, '--port', str(port), '--bind', '127.0.0.1', '--save', '',
