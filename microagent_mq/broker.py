@@ -3,6 +3,7 @@
 import itertools
 import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -177,7 +178,8 @@ class AbstractQueueBroker(ABC):
     def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
         queue = Queue.get(name)
         if not options and not queue.is_exchange:  # the common case, checked cheaply
-            return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,))
+            return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,),
+                            sent_at=time.time())
         if unknown := options.keys() - SEND_OPTIONS:
             raise ConfigurationError(f'unknown send options {sorted(unknown)}')
         topic = options.get('topic') or ''
@@ -194,7 +196,8 @@ class AbstractQueueBroker(ABC):
         else:
             targets, exchange = (name,), ''
         message_id = f'{self._id_prefix}{next(self._ids):x}'
-        return Outgoing(body, message_id, targets, exchange, topic, float(delay))
+        return Outgoing(body, message_id, targets, exchange, topic, float(delay),
+                        sent_at=time.time())
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,13 +12,17 @@ import orjson
 class Delivery:
     """A message fetched for a consumer, not yet settled."""
 
-    __slots__ = ('attempt', 'body', 'handle', 'message_id', 'received_at')
+    __slots__ = ('attempt', 'body', 'handle', 'headers', 'message_id', 'received_at', 'sent_at')
 
-    def __init__(self, body: bytes, message_id: str, attempt: int = 1, handle: Any = None) -> None:
+    def __init__(self, body: bytes, message_id: str, attempt: int = 1, handle: Any = None,
+                 headers: dict[str, Any] | None = None, sent_at: float = 0.0) -> None:
         self.body = body
         self.message_id = message_id
         self.attempt = attempt  # 1 for the first handling
         self.handle = handle  # the transport's own reference (stream id, AMQP message...)
+        # Metadata sent with the message (Outgoing.headers), exactly as sent; None when none.
+        self.headers = headers
+        self.sent_at = sent_at  # epoch seconds set by the sender; 0.0 when unknown (foreign)
         self.received_at = time.monotonic()
 
     def __repr__(self) -> str:
@@ -35,6 +39,10 @@ class Outgoing:
     exchange: str = ''
     topic: str = ''
     delay: float = 0.0
+    # Metadata that travels beside the body (never in it): a JSON-able dict with str keys,
+    # stored by the transport and handed back as ``Delivery.headers``. None: no metadata.
+    headers: dict[str, Any] | None = None
+    sent_at: float = 0.0  # epoch seconds; transports store it when set (> 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,15 @@ class Subscription(ABC):
     @abstractmethod
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         """Move the message to the queue's dead letters with ``error``."""
+
+    async def stop_fetching(self) -> None:
+        """No new messages from now on: a fetch waiting now returns soon (with what it got).
+
+        Called by a graceful stop before anything is released, so the broker cannot push
+        more into a consumer that is going away. Messages already fetched stay this
+        consumer's until handled or released.
+        """
+        return None
 
     async def extend(self, delivery: Delivery) -> bool:
         """Renew this consumer's hold on a message that waited; False if it was lost."""
