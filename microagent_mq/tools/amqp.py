@@ -32,7 +32,8 @@ from ..dsn import mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..queue import Queue
 from ..transport import DeadLetter, Outgoing, Subscription
-from .amqp_consumer import AMQPSubscription, attempt_of
+from .amqp_codec import attempt_of, outgoing_message
+from .amqp_consumer import AMQPSubscription
 
 DELAY_QUEUE_SPARE_MS = 60_000  # a delay queue outlives its last message by this much
 ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError, asyncio.TimeoutError)
@@ -170,7 +171,7 @@ class AMQPBroker(AbstractQueueBroker):
                 for queue in message.queues:
                     target = await self.delay_queue(channel, queue, message.delay)
                     publishes.append(channel.default_exchange.publish(
-                        _message(message.body, message.message_id, 1), target))
+                        _message(message), target))
                 continue
             await self._declare_target(channel, message)
             if message.exchange:
@@ -179,10 +180,10 @@ class AMQPBroker(AbstractQueueBroker):
                     exchange = await self._exchange(channel, message.exchange)
                     self._exchanges[message.exchange] = exchange
                 publishes.append(exchange.publish(
-                    _message(message.body, message.message_id, 1), message.topic, mandatory=False))
+                    _message(message), message.topic, mandatory=False))
             else:
                 publishes.append(channel.default_exchange.publish(
-                    _message(message.body, message.message_id, 1), message.queues[0]))
+                    _message(message), message.queues[0]))
         if len(publishes) == 1:
             await publishes[0]
         else:  # every confirm awaited together: one wait for the batch
@@ -193,7 +194,8 @@ class AMQPBroker(AbstractQueueBroker):
         """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed."""
         channel = await self.publish_channel()
         target = await self.delay_queue(channel, queue, delay) if delay > 0 else queue
-        await channel.default_exchange.publish(_message(body, message_id, attempt, headers), target)
+        await channel.default_exchange.publish(
+            outgoing_message(body, message_id, attempt, extra=headers), target)
 
     # consuming --------------------------------------------------------------------------
 
@@ -246,12 +248,9 @@ class AMQPBroker(AbstractQueueBroker):
         return moved
 
 
-def _message(body: bytes, message_id: str, attempt: int,
-             headers: dict[str, Any] | None = None) -> aio_pika.Message:
-    return aio_pika.Message(
-        body, message_id=message_id, content_type='application/json',
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        headers={'x-attempt': attempt, **(headers or {})})
+def _message(message: Outgoing) -> aio_pika.Message:
+    return outgoing_message(message.body, message.message_id, 1, headers=message.headers,
+                            sent_at=message.sent_at)
 
 
 def _dead_letter(queue: str, message: AbstractIncomingMessage) -> DeadLetter:

@@ -8,17 +8,12 @@ from typing import TYPE_CHECKING
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from ..transport import Delivery, Subscription, now_s
+from .amqp_codec import attempt_of, headers_of, sent_at_of
 
 if TYPE_CHECKING:
     from .amqp import AMQPBroker
 
 IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
-
-
-def attempt_of(message: AbstractIncomingMessage) -> int:
-    """The attempt a message is on, from its ``x-attempt`` header."""
-    value = message.headers.get('x-attempt', 1)
-    return value if isinstance(value, int) else 1
 
 
 class AMQPSubscription(Subscription):
@@ -61,7 +56,7 @@ class AMQPSubscription(Subscription):
                 await self._count_redelivery(message)
                 continue
             batch.append(Delivery(message.body, message.message_id or '', attempt_of(message),
-                                  message))
+                                  message, headers_of(message), sent_at_of(message)))
         return batch
 
     async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:

@@ -1,0 +1,53 @@
+"""How a message and its metadata look on the AMQP wire, written and read in one place.
+
+Body: the user's JSON, unchanged. Properties: ``message_id``, ``content_type``, persistent
+delivery. Headers: ``x-attempt`` (int), ``x-sent-at`` (int, epoch milliseconds: AMQP tables
+would store a Python float as 32 bits), ``x-headers`` (the sender's metadata as one JSON
+string, so every JSON value comes back exactly as sent). A message from a foreign producer
+may have none of these: it is attempt 1 with no metadata, and its id falls back to ''.
+"""
+
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+
+def outgoing_message(body: bytes, message_id: str, attempt: int, *,
+                     headers: dict[str, Any] | None = None, sent_at: float = 0.0,
+                     extra: dict[str, Any] | None = None) -> aio_pika.Message:
+    """A persistent message; ``extra``: transport headers such as ``x-error``."""
+    table: dict[str, Any] = {'x-attempt': attempt}
+    if sent_at > 0:
+        table['x-sent-at'] = int(sent_at * 1000)
+    if headers:
+        table['x-headers'] = orjson.dumps(headers).decode()
+    if extra:
+        table.update(extra)
+    return aio_pika.Message(body, message_id=message_id, content_type='application/json',
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=table)
+
+
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    """The attempt a message is on, from its ``x-attempt`` header (1 when absent)."""
+    value = message.headers.get('x-attempt', 1)
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+def sent_at_of(message: AbstractIncomingMessage) -> float:
+    """Epoch seconds the sender stamped, 0.0 when unknown."""
+    value = message.headers.get('x-sent-at')
+    return value / 1000 if isinstance(value, int) else 0.0
+
+
+def headers_of(message: AbstractIncomingMessage) -> dict[str, Any] | None:
+    """The sender's metadata as sent, None when there is none (or it is unreadable)."""
+    raw = message.headers.get('x-headers')
+    if not isinstance(raw, str | bytes):
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
