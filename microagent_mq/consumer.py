@@ -11,6 +11,7 @@ from .queue import Queue, decode
 
 if TYPE_CHECKING:
     from .agent import MicroAgent
+    from .transport import Delivery
 
 Handler = Callable[..., Awaitable[None]]
 
@@ -49,10 +50,10 @@ class Consumer:
         """``Agent.method`` for logs."""
         return f'{type(self.agent).__name__}.{getattr(self.handler, "__name__", "handler")}'
 
-    def arguments(self, body: bytes) -> dict[str, Any]:
-        """The handler's keyword arguments for ``body``; raises ``PoisonMessage``."""
+    def arguments(self, delivery: 'Delivery') -> dict[str, Any]:
+        """The handler's keyword arguments for ``delivery``; raises ``PoisonMessage``."""
         try:
-            data = decode(body)
+            data = decode(delivery.body)
         except SerializingError as exc:
             raise PoisonMessage(str(exc)) from exc
         if self._required and (missing := self._required - data.keys()):

@@ -126,7 +126,7 @@ class ConsumerRunner:
     async def _process(self, delivery: Delivery) -> None:
         consumer = self.consumer
         try:
-            kwargs = consumer.arguments(delivery.body)
+            kwargs = consumer.arguments(delivery)
         except PoisonMessage as exc:
             await self._dead_letter(delivery, f'poison message: {exc}')
             return
