@@ -74,7 +74,8 @@ class MemoryBroker(AbstractQueueBroker):
             for name in message.queues:
                 # A copy of exact size: orjson's output keeps a 4 KiB buffer behind it.
                 body = bytes(memoryview(message.body))
-                self._get(name).put(Delivery(body, message.message_id), message.delay)
+                self._get(name).put(Delivery(body, message.message_id, 1, None, message.headers,
+                                             message.sent_at), message.delay)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         return MemorySubscription(self._get(consumer.queue.name), consumer.queue.name)
@@ -128,7 +129,8 @@ class MemorySubscription(Subscription):
         return None
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
-        self._queue.put(Delivery(delivery.body, delivery.message_id, delivery.attempt + 1), delay)
+        self._queue.put(Delivery(delivery.body, delivery.message_id, delivery.attempt + 1, None,
+                                 delivery.headers, delivery.sent_at), delay)
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         self._queue.dead.append(DeadLetter(self._name, delivery.message_id, delivery.body,
