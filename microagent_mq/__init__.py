@@ -4,6 +4,7 @@ from .agent import MicroAgent, consumer, on
 from .broker import AbstractQueueBroker, BoundQueue
 from .consumer import Consumer
 from .control import Reject, Retry
+from .default_broker import get_default_broker, override_broker, set_default_broker
 from .exceptions import (
     BrokerUnavailable,
     ConfigurationError,
@@ -39,6 +40,9 @@ __all__ = [
     'SerializingError',
     '__version__',
     'consumer',
+    'get_default_broker',
     'load_queues',
     'on',
+    'override_broker',
+    'set_default_broker',
 ]
