@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 from .broker import AbstractQueueBroker
-from .consumer import Consumer, Handler
+from .consumer import Consumer, Handler, check_dto_parameter
 from .exceptions import ConfigurationError
 from .options import ConsumerOptions
 from .queue import Queue
@@ -47,6 +47,8 @@ def consumer(queue: Queue, timeout: int = 60, dto_class: type | None = None,
     def decorate(handler: Handler) -> Handler:
         if not inspect.iscoroutinefunction(handler):
             raise ConfigurationError(f'@consumer({queue.name}): {handler!r} must be async def')
+        if dto_class is not None:
+            check_dto_parameter(handler, dto_name or 'dto')
         spec = ConsumerSpec(queue, float(timeout), dto_class, dto_name, options)
         handler.__consumer__ = spec  # type: ignore[attr-defined]
         return handler

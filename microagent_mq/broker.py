@@ -1,7 +1,9 @@
 """``AbstractQueueBroker``: the public API, concrete; transports implement a few primitives."""
 
+import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -22,6 +24,7 @@ from .transport import DeadLetter, Outgoing, Subscription
 __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
 
 SEND_OPTIONS = frozenset({'topic', 'delay'})
+MAX_DELAY_S = 365 * 24 * 3600  # a year: beyond that a delay is a mistake, not a schedule
 Message = str | bytes | dict[str, Any]
 
 
@@ -41,6 +44,7 @@ class AbstractQueueBroker(ABC):
 
     def __post_init__(self) -> None:
         self._runners: dict[str, ConsumerRunner] = {}
+        self._binding = asyncio.Lock()  # two binds of one queue at once must start one runner
         # Message ids: random per broker, then a counter; unique without a uuid per message.
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex() + '-'
@@ -53,11 +57,11 @@ class AbstractQueueBroker(ABC):
         ``message``: serialized JSON object (a dict is serialized for you).
         ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered.
         """
-        await self._publish([self._outgoing(name, _body(message), kwargs)])
+        await self._publish([self._outgoing(name, message, kwargs)])
 
     async def send_many(self, name: str, messages: Iterable[Message], **kwargs: Any) -> None:
         """Write several messages in one go, with the same guarantees as ``send``."""
-        batch = [self._outgoing(name, _body(m), kwargs) for m in messages]
+        batch = [self._outgoing(name, m, kwargs) for m in messages]
         if batch:
             await self._publish(batch)
 
@@ -66,11 +70,12 @@ class AbstractQueueBroker(ABC):
         consumer = self._bindings.get(name)
         if consumer is None:
             raise QueueException(f'no consumer is bound to queue {name!r}')
-        if name in self._runners:
-            return
-        runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log)
-        self._runners[name] = runner
-        runner.start()
+        async with self._binding:
+            if name in self._runners:
+                return
+            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log)
+            self._runners[name] = runner
+            runner.start()
         self.log.info('Consuming %s with %s', name, consumer.name)
 
     async def bind_consumer(self, consumer: Consumer) -> None:
@@ -110,10 +115,26 @@ class AbstractQueueBroker(ABC):
         return count
 
     async def close(self, grace: float | None = None) -> None:
-        """Stop every consumer (see ``unbind``), then close the connections."""
+        """Stop every consumer at once (see ``unbind``), then close the connections.
+
+        A cancelled ``close()`` still finishes before the cancellation goes on: connections
+        closed under consumers that are still giving messages back would strand them.
+        """
+        task = asyncio.ensure_future(self._close(grace))
         try:
-            for name in list(self._runners):
-                await self.unbind(name, grace)
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                await asyncio.wait({task})
+            raise
+
+    async def _close(self, grace: float | None) -> None:
+        try:
+            results = await asyncio.gather(*(self.unbind(name, grace) for name in list(self._runners)),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    self.log.error('Stopping a consumer failed: %r', result)
         finally:
             await self._disconnect()
 
@@ -175,8 +196,10 @@ class AbstractQueueBroker(ABC):
             raise QueueException(f'{name!r} is an exchange, not a queue')
         return queue
 
-    def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
+    def _outgoing(self, name: str, message: Message, options: dict[str, Any]) -> Outgoing:
         queue = Queue.get(name)
+        # A Queue subclass may define its own data format (the seed's serialize hook).
+        body = _body(message) if type(queue).serialize is Queue.serialize else _serialized(queue, message)
         if not options and not queue.is_exchange:  # the common case, checked cheaply
             return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,),
                             sent_at=time.time())
@@ -186,8 +209,9 @@ class AbstractQueueBroker(ABC):
         delay = options.get('delay') or 0.0
         if not isinstance(topic, str) or not is_valid_topic(topic):
             raise ConfigurationError(f'invalid topic {topic!r}: dot-separated words expected')
-        if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
-            raise ConfigurationError(f'invalid delay {delay!r}: seconds >= 0 expected')
+        if (isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0
+                or not math.isfinite(delay) or delay > MAX_DELAY_S):
+            raise ConfigurationError(f'invalid delay {delay!r}: seconds from 0 to {MAX_DELAY_S} expected')
         if queue.is_exchange:
             targets = tuple(q.name for q in Queue.bound_to(name, topic))
             exchange = name
@@ -229,3 +253,19 @@ def _body(message: Message) -> bytes:
         raise SerializingError(f'a message must be str, bytes or dict, not {type(message).__name__}')
     decode(message)  # refuse what no consumer could read, at the sender
     return message
+
+
+def _serialized(queue: Queue, message: Message) -> bytes:
+    if not isinstance(message, dict):  # already serialised by the caller: check it reads back
+        body = message.encode() if isinstance(message, str) else message
+        if not isinstance(body, bytes):
+            raise SerializingError(f'a message must be str, bytes or dict, not {type(body).__name__}')
+        queue.deserialize(body)
+        return body
+    data = queue.serialize(message)
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, bytes):
+        return data
+    raise SerializingError(f'{type(queue).__name__}.serialize must return str or bytes, '
+                           f'not {type(data).__name__}')

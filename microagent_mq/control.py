@@ -1,5 +1,7 @@
 """Exceptions a handler raises to steer what happens to its message."""
 
+MAX_RETRY_DELAY_S = 365 * 24 * 3600
+
 
 class Retry(Exception):
     """Deliver this message again after ``delay`` seconds (the consumer's backoff if None).
@@ -8,6 +10,9 @@ class Retry(Exception):
     """
 
     def __init__(self, delay: float | None = None, reason: str = 'retry requested') -> None:
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)
+                                  or not 0 <= delay <= MAX_RETRY_DELAY_S):
+            raise ValueError(f'Retry(delay={delay!r}): seconds from 0 to {MAX_RETRY_DELAY_S} expected')
         super().__init__(reason)
         self.delay = delay
         self.reason = reason

@@ -1,6 +1,6 @@
 """Data source names: checked once, and never shown with their password."""
 
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 from .exceptions import InvalidDSN
 
@@ -21,14 +21,25 @@ def parse_dsn(dsn: str, schemes: tuple[str, ...]) -> SplitResult:
     return parts
 
 
+# Query parameters that carry a secret (redis-py reads ``?password=``; others use the rest).
+SECRET_PARAMS = frozenset({'password', 'pass', 'passwd', 'pwd', 'secret', 'token', 'access_token',
+                           'api_key', 'apikey', 'ssl_password', 'ssl_keyfile_password'})
+
+
 def mask_dsn(dsn: str) -> str:
-    """``dsn`` with its password replaced by ``***``."""
+    """``dsn`` with every secret (the password, and secret query parameters) shown as ``***``."""
     try:
         parts = urlsplit(dsn)
-    except ValueError:
+        password = parts.password
+    except (ValueError, TypeError):
         return '<malformed DSN>'
-    if parts.password is None:
-        return dsn
-    user = parts.username or ''
-    host = parts.netloc.rpartition('@')[2]
-    return parts._replace(netloc=f'{user}:***@{host}').geturl()
+    if password is not None:
+        user = parts.username or ''
+        host = parts.netloc.rpartition('@')[2]
+        parts = parts._replace(netloc=f'{user}:***@{host}')
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key.lower() in SECRET_PARAMS for key, _ in pairs):
+            masked = [(k, '***' if k.lower() in SECRET_PARAMS else v) for k, v in pairs]
+            parts = parts._replace(query=urlencode(masked, safe='*'))
+    return parts.geturl()

@@ -13,6 +13,10 @@ from .transport import Delivery, Subscription
 
 FETCH_BACKOFF_MAX_S = 5.0
 CANCEL_WAIT_S = 5.0  # how long stop() waits for cancelled tasks to end
+# How long a stop waits for a fetch in progress to return, whatever the grace: a read
+# cancelled mid-way can leave its messages taken on the server and never handed back.
+FETCH_RETURN_S = 2.0
+LOOP_RESTART_S = 1.0  # a fetch loop that failed unexpectedly starts again after this
 
 
 class ConsumerRunner:
@@ -36,42 +40,88 @@ class ConsumerRunner:
         self._stopping = False
         self._in_handler = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
         self._deadlines = Deadlines(consumer.timeout)
 
     def start(self) -> None:
         """Start fetching in a task owned by this runner."""
-        self._loop_task = asyncio.create_task(self._run(), name=f'consume:{self._queue}')
+        self._loop_task = asyncio.create_task(self._supervise(), name=f'consume:{self._queue}')
+
+    @property
+    def running(self) -> bool:
+        """True while the fetch loop runs (False once stopped, or if it died)."""
+        return self._loop_task is not None and not self._loop_task.done()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop fetching, let running handlers finish within ``grace`` s, give back the rest."""
+        """Stop fetching, let running handlers finish within ``grace`` s, give back the rest.
+
+        Idempotent, and a cancelled ``stop()`` still completes: half a stop (a buffer never
+        released, a subscription never closed) is worse than a late one.
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop(grace), name=f'stop:{self._queue}')
+        task = self._stop_task
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                await asyncio.wait({task})
+            raise
+
+    async def _stop(self, grace: float | None) -> None:
         grace = self._config.stop_grace if grace is None else grace
         self._stopping = True
         self._room.set()
+        try:
+            # First of all: nothing new may arrive (RabbitMQ would push more, even the
+            # messages released below, into a consumer that is going away).
+            await self._sub.stop_fetching()
+        except Exception:
+            self.log.warning('Could not stop fetching from %s cleanly', self._queue, exc_info=True)
         loop_task = self._loop_task
         inline = self._in_handler  # the loop task itself is running a handler
-        if loop_task is not None and not inline:
-            loop_task.cancel()  # waiting for messages or for a free slot: nothing to finish
-        waiting = {*self._tasks, *([loop_task] if loop_task else [])}
-        if waiting:
-            _, late = await asyncio.wait(waiting, timeout=grace)
+        handlers = {*self._tasks, *([loop_task] if loop_task and inline else [])}
+        fetch = {loop_task} if loop_task is not None and not inline else set()
+        began = asyncio.get_running_loop().time()
+        late: set[asyncio.Task[None]] = set()
+        if handlers:
+            _, late = await asyncio.wait(handlers, timeout=grace)
             for task in late:
-                self.log.warning('%s of %s still running after %.1fs grace: cancelled',
-                                 'Fetch loop' if task is loop_task and not inline else 'Handler',
+                self.log.warning('Handler of %s still running after %.1fs grace: cancelled',
                                  self._queue, grace)
                 task.cancel()
-            if late:
-                _, stuck = await asyncio.wait(late, timeout=CANCEL_WAIT_S)
-                if stuck:
-                    self.log.error('%d task(s) of %s ignored cancellation; left behind',
-                                   len(stuck), self._queue)
-        if loop_task is not None and loop_task.done() and not loop_task.cancelled():
-            if exc := loop_task.exception():
-                self.log.error('Consumer loop of %s failed: %r', self._queue, exc)
+        if fetch:
+            # A fetch in progress is waited for, not cancelled, so what it read is buffered
+            # and released below instead of stranded on the server.
+            spent = asyncio.get_running_loop().time() - began
+            _, stuck_fetch = await asyncio.wait(fetch, timeout=max(FETCH_RETURN_S - spent, 0.1))
+            for task in stuck_fetch:
+                self.log.warning('Fetch loop of %s did not return within %.1fs: cancelled',
+                                 self._queue, FETCH_RETURN_S)
+                task.cancel()
+            late |= stuck_fetch
+        if late:
+            _, stuck = await asyncio.wait(late, timeout=CANCEL_WAIT_S)
+            if stuck:
+                self.log.error('%d task(s) of %s ignored cancellation; left behind',
+                               len(stuck), self._queue)
         self._deadlines.close()
-        if self._buffer:
-            await self._settle(self._sub.release, list(self._buffer))
+        if self._buffer:  # fetched, never handed to a handler: back, in order, no attempt
+            unhandled = list(self._buffer)
             self._buffer.clear()
+            await self._settle(self._sub.release, unhandled)
         await self._settle(self._sub.close)
+
+    async def _supervise(self) -> None:
+        # The fetch loop must never die silently: whatever escapes it is logged and the
+        # loop starts again (a cancellation, or the process exiting, ends it).
+        while not self._stopping:
+            try:
+                await self._run()
+            except Exception:
+                self.log.exception('Consumer loop of %s failed; restarting in %.1fs',
+                                   self._queue, LOOP_RESTART_S)
+                await asyncio.sleep(LOOP_RESTART_S)
 
     async def _run(self) -> None:
         failures = 0
@@ -132,7 +182,7 @@ class ConsumerRunner:
             return
         if delivery.attempt > self._config.max_attempts:
             await self._dead_letter(delivery, 'delivered more than max_attempts times '
-                                    '(consumers stopped while handling it)')
+                                    '(its consumers died while handling it)')
             return
         if time.monotonic() - delivery.received_at > self._renew_after:
             if not await self._renew(delivery):
@@ -157,9 +207,21 @@ class ConsumerRunner:
             self.log.warning('Handler %s failed on message %s (attempt %d)', consumer.name,
                              delivery.message_id, delivery.attempt, exc_info=outcome)
             await self._failed(delivery, f'{type(outcome).__name__}: {outcome}')
-        else:  # cancelled by stop() past its grace (not the message's fault), or exiting
-            if self._stopping:
-                await self._settle(self._sub.release, [delivery])
+        elif isinstance(outcome, asyncio.CancelledError) and task.cancelling() == 0:
+            # Nobody cancelled this task: the handler raised CancelledError itself (an inner
+            # task's, say). That is this message failing, not a stop.
+            self.log.warning('Handler %s raised CancelledError on message %s (attempt %d)',
+                             consumer.name, delivery.message_id, delivery.attempt)
+            await self._failed(delivery, 'CancelledError raised by the handler')
+        elif isinstance(outcome, asyncio.CancelledError):
+            # Cancelled from outside (a stop past its grace, the loop shutting down): not the
+            # message's fault, so it goes back without costing an attempt.
+            await self._settle(self._sub.release, [delivery])
+            raise outcome
+        else:  # KeyboardInterrupt, SystemExit...: the message failed; the process exits as asked
+            self.log.error('Handler %s raised %s on message %s (attempt %d)', consumer.name,
+                           type(outcome).__name__, delivery.message_id, delivery.attempt)
+            await self._failed(delivery, f'{type(outcome).__name__} raised by the handler')
             raise outcome
 
     async def _renew(self, delivery: Delivery) -> bool:
@@ -190,6 +252,8 @@ class ConsumerRunner:
         try:
             await action(*args)
         except Exception:
-            # Unsettled is not lost: the broker delivers the message again.
+            # Unsettled is not lost, the transport makes sure of it: Redis leaves the message
+            # pending in the group (taken over once its visibility lapses), RabbitMQ gets it
+            # back by a nack or when the channel closes; memory cannot fail here.
             self.log.exception('%s on %s failed; the message will be delivered again',
                                getattr(action, '__name__', 'settling'), self._queue)

@@ -1,5 +1,6 @@
 """``load_queues``: read queue declarations from a file or a URL."""
 
+import time
 import urllib.error
 import urllib.request
 from collections import namedtuple
@@ -95,9 +96,12 @@ def _read(source: str) -> bytes:
 
 
 def _read_url(url: str) -> bytes:
+    # URL_TIMEOUT_S bounds the whole fetch, not each socket operation: a server that
+    # trickles its answer a byte at a time must not keep a service from starting for long.
+    deadline = time.monotonic() + URL_TIMEOUT_S
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-            data = response.read(MAX_SOURCE_BYTES + 1)
+            data = _read_before(response, deadline, url)
     except urllib.error.HTTPError as exc:
         raise QueueSourceError(f'{url}: cannot fetch queue declarations: HTTP {exc.code} '
                                f'{exc.reason}') from exc
@@ -105,6 +109,25 @@ def _read_url(url: str) -> bytes:
         reason = getattr(exc, 'reason', exc)
         raise QueueSourceError(f'{url}: cannot fetch queue declarations: {reason}') from exc
     return _limited(data, url)
+
+
+def _read_before(response: Any, deadline: float, url: str) -> bytes:
+    sock = getattr(getattr(response.fp, 'raw', None), '_sock', None)
+    data = bytearray()
+    while len(data) <= MAX_SOURCE_BYTES:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise QueueSourceError(f'{url}: no complete answer within {URL_TIMEOUT_S}s')
+        if sock is not None:
+            sock.settimeout(remaining)
+        try:
+            chunk = response.read1(65536)
+        except TimeoutError as exc:
+            raise QueueSourceError(f'{url}: no complete answer within {URL_TIMEOUT_S}s') from exc
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 def _limited(data: bytes, source: str) -> bytes:

@@ -25,12 +25,17 @@ def topic_matches(pattern: str, topic: str) -> bool:
 
 
 def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == '#':
-        # '#' may swallow any number of words, including none.
-        return any(_match(rest, words[skip:]) for skip in range(len(words) + 1))
-    if not words:
-        return False
-    return (head == '*' or head == words[0]) and _match(rest, words[1:])
+    # Dynamic programming over (pattern position, word position): linear in their product,
+    # where the naive recursion is exponential in the number of '#'.
+    # reachable[j]: the pattern so far can consume exactly the first j words.
+    reachable = [True] + [False] * len(words)
+    for head in pattern:
+        if head == '#':  # zero or more words: every position from the first reachable on
+            first = next((j for j, ok in enumerate(reachable) if ok), None)
+            reachable = [first is not None and j >= first for j in range(len(words) + 1)]
+        else:  # exactly one word, which must equal head unless head is '*'
+            reachable = [False] + [reachable[j] and (head == '*' or head == words[j])
+                                   for j in range(len(words))]
+        if not any(reachable):
+            return False
+    return reachable[-1]

@@ -172,3 +172,36 @@ def test_serialize_roundtrip_and_errors() -> None:
 ])
 def test_topic_matching_follows_amqp(pattern: str, topic: str, expected: bool) -> None:
     assert topic_matches(pattern, topic) is expected
+
+
+def test_a_trickling_server_cannot_stretch_the_url_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each byte arrives well within the socket timeout, so only a total deadline stops it.
+    import socket
+
+    import microagent_mq.loader as loader
+
+    monkeypatch.setattr(loader, 'URL_TIMEOUT_S', 0.5)
+    listener = socket.create_server(('127.0.0.1', 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b'HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n')
+            while not stop.is_set():
+                try:
+                    conn.sendall(b' ')
+                except OSError:
+                    return
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(QueueSourceError, match=r'no complete answer within 0.5s'):
+            load_queues(f'http://127.0.0.1:{listener.getsockname()[1]}/queues.json')
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)

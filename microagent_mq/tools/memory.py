@@ -105,25 +105,40 @@ class MemorySubscription(Subscription):
     def __init__(self, queue: MemoryQueue, name: str) -> None:
         self._queue = queue
         self._name = name
+        self._waiter: asyncio.Future[None] | None = None
+        self._stopped = False
 
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
+        if self._stopped:
+            return []
         queue = self._queue
         wait = queue.promote_due()
         ready = queue.ready
         if not ready:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             queue.waiters.append(waiter)
             try:
                 async with asyncio.timeout(min(wait or IDLE_WAKE_S, IDLE_WAKE_S)):
                     await waiter
             except TimeoutError:
                 pass
+            finally:
+                self._waiter = None
+                if waiter in queue.waiters:  # not woken: take it out, or idle waits pile up
+                    queue.waiters.remove(waiter)
+            if self._stopped:
+                return []
             queue.promote_due()
         batch = [ready.popleft() for _ in range(min(max_count, len(ready)))]
         now = time.monotonic()
         for delivery in batch:
             delivery.received_at = now
         return batch
+
+    async def stop_fetching(self) -> None:
+        self._stopped = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def ack(self, delivery: Delivery) -> None:
         return None
