@@ -375,6 +375,24 @@ async def test_process_messages_with_the_agent_on_another_broker_is_a_clear_erro
     await elsewhere.close()
 
 
+def test_test_broker_left_consuming_by_an_earlier_loop_is_no_error() -> None:
+    queue, earlier, broker = Queue(unique()), TestBroker(), TestBroker()
+
+    async def handler(n: int) -> None:
+        raise AssertionError('never called')
+
+    async def leave_running() -> None:  # a test that forgot to stop its agent
+        await start(earlier, queue, handler)
+
+    async def process() -> int:
+        await broker.send(queue.name, {'n': 1})
+        return (await broker.process_messages()).handled
+
+    asyncio.run(leave_running())
+    assert earlier.info()['consuming'] == [queue.name]
+    assert asyncio.run(process()) == 0
+
+
 async def test_messages_nobody_consumes_wait_without_error() -> None:
     queue, broker = Queue(unique()), TestBroker()
     await broker.send(queue.name, {'n': 1})

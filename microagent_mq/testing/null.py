@@ -51,6 +51,10 @@ class NullBroker(AbstractQueueBroker):
     dsn: str = 'null://'
     published: list[Published] = field(default_factory=list, init=False)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where its consumers run
+
     def published_to(self, name: str) -> list[Published]:
         """The records sent to ``name`` or of which queue ``name`` takes a copy."""
         return [p for p in self.published if p.queue == name or name in p.queues]
@@ -94,6 +98,7 @@ class NullBroker(AbstractQueueBroker):
             self._record(outgoing, pending.popleft() if pending else None)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
+        self._loop = asyncio.get_running_loop()
         return _NothingSubscription()
 
     async def _length(self, name: str, **options: Any) -> int:
