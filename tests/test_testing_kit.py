@@ -417,6 +417,25 @@ async def test_process_messages_from_a_handler_is_a_clear_error() -> None:
     await broker.close()
 
 
+async def test_handlers_sending_to_each_other_forever_end_in_a_clear_error() -> None:
+    ping, pong, broker = Queue(unique()), Queue(unique()), TestBroker(max_deliveries=50)
+    volleys = Calls()
+
+    async def hit(to: str) -> None:
+        volleys.add({'to': to})
+        await broker.send(to, {'to': pong.name if to == ping.name else ping.name})
+
+    await start(broker, ping, hit)
+    await start(broker, pong, hit)
+    await broker.send(ping.name, {'to': pong.name})
+    with pytest.raises(QueueException, match=r'still busy after 5\d deliveries \(max_deliveries=50\)'):
+        await broker.process_messages()
+    stopped_at = len(volleys)
+    await let_the_loop_run()
+    assert len(volleys) <= stopped_at + 1  # processing is off again (one may have been in flight)
+    await broker.close()
+
+
 async def test_requeued_dead_letters_are_processed_again() -> None:
     queue, broker, calls = Queue(unique()), TestBroker(), Calls()
     healthy = False

@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..exceptions import QueueException
 from ..transport import DeadLetter, Delivery, Subscription, now_s
 from .clock import VirtualClock
 
@@ -61,13 +62,13 @@ class Activity:
 
     def __init__(self) -> None:
         self.processing = False
-        self.handled = self.retried = self.dead_lettered = 0
+        self.delivered = self.handled = self.retried = self.dead_lettered = 0
         self.errors: list[Exception] = []
         self._changed: asyncio.Event | None = None
 
     def start(self) -> None:
         self.processing = True
-        self.handled = self.retried = self.dead_lettered = 0
+        self.delivered = self.handled = self.retried = self.dead_lettered = 0
         self.errors = []
         self._changed = asyncio.Event()
 
@@ -80,7 +81,7 @@ class Activity:
         if self._changed is not None:
             self._changed.set()
 
-    async def wait_for_change(self, idle: Callable[[], bool]) -> None:
+    async def wait_for_change(self, idle: Callable[[], bool], max_deliveries: int) -> None:
         """Return once ``idle()`` holds, looking again after every change."""
         changed = self._changed
         assert changed is not None, 'wait_for_change outside processing'
@@ -88,6 +89,10 @@ class Activity:
             changed.clear()
             if idle():
                 return
+            if self.delivered > max_deliveries:
+                raise QueueException(
+                    f'still busy after {self.delivered} deliveries (max_deliveries={max_deliveries}): '
+                    'do handlers keep sending to each other?')
             await changed.wait()
 
 
@@ -119,6 +124,7 @@ class VirtualSubscription(Subscription):
         while not self._stopped:
             if self._activity.processing and (batch := self.queue.take(max_count)):
                 self.in_flight += len(batch)
+                self._activity.delivered += len(batch)
                 now = time.monotonic()  # real time: the engine measures its renewals with it
                 for delivery in batch:
                     delivery.received_at = now

@@ -43,12 +43,16 @@ class TestBroker(AbstractQueueBroker):
     (everything due within the next ``s`` virtual seconds, in time order). Delays, backoff and
     ``Retry(delay=...)`` follow ``broker.clock``; handler timeouts keep real time. Each
     ``TestBroker`` has queues of its own.
+    ``max_deliveries``: a run that delivers more gives up with an error (a message loop).
     """
 
     __test__ = False  # named Test*, yet no test class: pytest must not collect it
 
     dsn: str = 'test://'
     clock: VirtualClock = field(default_factory=VirtualClock)
+    # Deliveries one process_messages()/advance() may make before it gives up: a guard
+    # against handlers that keep sending to each other, which would otherwise never settle.
+    max_deliveries: int = 100_000
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,7 +107,7 @@ class TestBroker(AbstractQueueBroker):
         self._check_consumers()
         for subscription in list(self._subscriptions.values()):
             subscription.wake()
-        await self._activity.wait_for_change(self._idle)
+        await self._activity.wait_for_change(self._idle, self.max_deliveries)
 
     def _idle(self) -> bool:
         return all(s.idle() for s in list(self._subscriptions.values()))
