@@ -393,6 +393,23 @@ def test_test_broker_left_consuming_by_an_earlier_loop_is_no_error() -> None:
     assert asyncio.run(process()) == 0
 
 
+def test_test_broker_reused_after_its_agents_loop_ended_processes_without_them() -> None:
+    queue, broker = Queue(unique()), TestBroker()
+
+    async def handler(n: int) -> None:
+        raise AssertionError('never called')
+
+    async def leave_running() -> None:
+        await start(broker, queue, handler)
+
+    async def process() -> tuple[int, int]:
+        await broker.send(queue.name, {'n': 1})
+        return (await broker.process_messages()).handled, await broker.queue_length(queue.name)
+
+    asyncio.run(leave_running())
+    assert asyncio.run(asyncio.wait_for(process(), 10)) == (0, 1)
+
+
 async def test_messages_nobody_consumes_wait_without_error() -> None:
     queue, broker = Queue(unique()), TestBroker()
     await broker.send(queue.name, {'n': 1})

@@ -110,6 +110,7 @@ class VirtualSubscription(Subscription):
         self.in_flight = 0
         self._activity = activity
         self._on_close = on_close
+        self.loop = asyncio.get_running_loop()  # its consumer's, which may end without a close
         self._wake = asyncio.Event()
         self._stopped = False  # stop_fetching or close: fetch returns at once
         queue.on_ready = self.wake

@@ -104,6 +104,7 @@ class TestBroker(AbstractQueueBroker):
         return report
 
     async def _until_idle(self) -> None:
+        self._forget_ended()
         self._check_consumers()
         for subscription in list(self._subscriptions.values()):
             subscription.wake()
@@ -111,6 +112,13 @@ class TestBroker(AbstractQueueBroker):
 
     def _idle(self) -> bool:
         return all(s.idle() for s in list(self._subscriptions.values()))
+
+    def _forget_ended(self) -> None:
+        """Drop the subscriptions of consumers whose loop ended (an earlier test's agents)."""
+        loop = asyncio.get_running_loop()
+        for subscription in list(self._subscriptions.values()):
+            if subscription.loop is not loop:
+                self._forget(subscription)
 
     def _next_due(self) -> float | None:
         times = [t for q in self._queues.values() if (t := q.next_due()) is not None]
