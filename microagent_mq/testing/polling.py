@@ -1,4 +1,4 @@
-"""Helpers for tests of services built on microagent_mq."""
+"""``wait_until``: poll a condition with a deadline instead of sleeping."""
 
 import asyncio
 import inspect

@@ -1,0 +1,143 @@
+"""``NullBroker``: accepts and records every message, delivers none."""
+
+import asyncio
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..broker import AbstractQueueBroker
+from ..consumer import Consumer
+from ..transport import DeadLetter, Delivery, Outgoing, Subscription
+
+# The message objects a publish is sending, paired in order with the records it makes.
+# Per task (a context variable), so concurrent publishes cannot swap their messages.
+_publishing: ContextVar['deque[Any] | None'] = ContextVar('null_broker_publishing', default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One message a ``NullBroker`` accepted.
+
+    ``queue``: the name it was sent to (a queue, or an exchange); ``queues``: the queues that
+    take a copy of it (for an exchange: those whose topics match); ``data``: the body parsed
+    back from JSON, exactly as a consumer would get it; ``message``: the ``Message`` object
+    when one was published (None for a dict sent); ``delay``: seconds, 0.0 when none.
+    """
+
+    queue: str
+    topic: str
+    data: dict[str, Any]
+    message: Any = None
+    headers: dict[str, Any] | None = None
+    delay: float = 0.0
+    queues: tuple[str, ...] = ()
+    message_id: str = ''
+
+
+@dataclass(repr=False, eq=False)
+class NullBroker(AbstractQueueBroker):
+    """A broker for unit tests of code that sends: nothing is delivered, all is recorded.
+
+    Sends go through the same checks and serialisation as on a real broker (a message that
+    is not JSON-able, an unknown queue or a bad option fails here too); each accepted message
+    becomes a ``Published`` in ``broker.published``. Agents may start on it: they get nothing.
+    """
+
+    dsn: str = 'null://'
+    published: list[Published] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where its consumers run
+
+    def published_to(self, name: str) -> list[Published]:
+        """The records sent to ``name`` or of which queue ``name`` takes a copy."""
+        return [p for p in self.published if p.queue == name or name in p.queues]
+
+    def clear(self) -> None:
+        """Forget what was published."""
+        self.published.clear()
+
+    @contextmanager
+    def _publishing(self, messages: Sequence[Any]) -> Iterator[None]:
+        """Inside, the records ``_publish`` makes get ``messages`` as ``message``, in order.
+
+        For the typed layer's ``publish`` / ``publish_many``: wrap the base call in it.
+        """
+        token = _publishing.set(deque(messages))
+        try:
+            yield
+        finally:
+            _publishing.reset(token)
+
+    def _record(self, outgoing: Outgoing, message: Any = None) -> Published:
+        """Turn one message that passed the send path into a ``Published``."""
+        record = Published(
+            queue=outgoing.exchange or outgoing.queues[0],
+            topic=outgoing.topic,
+            data=orjson.loads(outgoing.body),
+            message=message,
+            headers=outgoing.headers,
+            delay=outgoing.delay,
+            queues=outgoing.queues,
+            message_id=outgoing.message_id,
+        )
+        self.published.append(record)
+        return record
+
+    # primitives -------------------------------------------------------------------------
+
+    async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        pending = _publishing.get()
+        for outgoing in batch:
+            self._record(outgoing, pending.popleft() if pending else None)
+
+    async def _subscribe(self, consumer: Consumer) -> Subscription:
+        self._loop = asyncio.get_running_loop()
+        return _NothingSubscription()
+
+    async def _length(self, name: str, **options: Any) -> int:
+        return 0
+
+    async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        return []
+
+    async def _requeue_dead_letters(self, name: str) -> int:
+        return 0
+
+    async def _disconnect(self) -> None:
+        return None
+
+
+class _NothingSubscription(Subscription):
+    """A subscription that never has a message: its fetch waits until the consumer stops."""
+
+    def __init__(self) -> None:
+        self._stopped = asyncio.Event()
+
+    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+        await self._stopped.wait()
+        return []
+
+    async def ack(self, delivery: Delivery) -> None:
+        raise AssertionError('a NullBroker delivers nothing to settle')
+
+    async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
+        raise AssertionError('a NullBroker delivers nothing to settle')
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        raise AssertionError('a NullBroker delivers nothing to settle')
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        return None
+
+    async def stop_fetching(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        self._stopped.set()
