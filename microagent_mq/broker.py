@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ MAX_DELAY_S = 365 * 24 * 3600  # a year: beyond that a delay is a mistake, not a
 Message = str | bytes | dict[str, Any]
 
 
+_live: 'weakref.WeakSet[AbstractQueueBroker]' = weakref.WeakSet()
+
+
 @dataclass(repr=False, eq=False)
 class AbstractQueueBroker(ABC):
     """Broker is an abstract interface with two basic methods - send and bind.
@@ -45,9 +49,15 @@ class AbstractQueueBroker(ABC):
     def __post_init__(self) -> None:
         self._runners: dict[str, ConsumerRunner] = {}
         self._binding = asyncio.Lock()  # two binds of one queue at once must start one runner
+        _live.add(self)
         # Message ids: random per broker, then a counter; unique without a uuid per message.
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex() + '-'
+
+    @staticmethod
+    def live_brokers() -> list['AbstractQueueBroker']:
+        """Every broker of this process not yet garbage-collected (test tools look here)."""
+        return list(_live)
 
     # public API -----------------------------------------------------------------------
 

@@ -4,7 +4,6 @@
 """
 
 import asyncio
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,6 +188,4 @@ class TestBroker(AbstractQueueBroker):
 
 
 def _live_brokers() -> list[AbstractQueueBroker]:
-    # The base class keeps no registry of brokers; this runs only when messages wait in a
-    # queue nobody consumes here, once per queue, to turn a silent no-op into an error.
-    return [o for o in gc.get_objects() if isinstance(o, AbstractQueueBroker)]
+    return AbstractQueueBroker.live_brokers()
