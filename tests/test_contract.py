@@ -254,50 +254,6 @@ async def test_requeue_dead_letters(broker: AbstractQueueBroker) -> None:
     assert await broker.dead_letters(queue.name) == []
 
 
-async def test_stop_waits_for_in_flight_handler(broker: AbstractQueueBroker) -> None:
-    queue, calls = Queue(unique()), Calls()
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def handler(n: int) -> None:
-        started.set()
-        await release.wait()
-        calls.add({'n': n})
-
-    agent = await start(broker, queue, handler)
-    await broker.send(queue.name, {'n': 1})
-    await asyncio.wait_for(started.wait(), 20)
-    stopping = asyncio.create_task(agent.stop(grace=20))
-    await asyncio.sleep(0)
-    assert not stopping.done()
-    release.set()
-    await asyncio.wait_for(stopping, 20)
-    assert calls.items == [{'n': 1}]
-    assert await broker.queue_length(queue.name) == 0
-    assert await broker.dead_letters(queue.name) == []
-
-
-async def test_handler_cancelled_after_grace_gives_message_back(
-        broker_factory: Callable[[], AbstractQueueBroker]) -> None:
-    queue, calls = Queue(unique()), Calls()
-    started = asyncio.Event()
-    first = broker_factory()
-
-    async def stuck(n: int) -> None:
-        started.set()
-        await asyncio.sleep(60)
-
-    agent = await start(first, queue, stuck, timeout=120, visibility_timeout=121)
-    await first.send(queue.name, {'n': 1})
-    await asyncio.wait_for(started.wait(), 20)
-    await agent.stop(grace=0.1)
-
-    async def handler(n: int) -> None:
-        calls.add({'n': n})
-
-    await start(broker_factory(), queue, handler, timeout=120, visibility_timeout=121)
-    assert await calls.wait_for(1) == [{'n': 1}]
-
-
 async def test_concurrency_bounds_running_handlers(broker: AbstractQueueBroker) -> None:
     queue, calls = Queue(unique()), Calls()
     running, peak = 0, 0
