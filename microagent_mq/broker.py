@@ -222,6 +222,9 @@ class AbstractQueueBroker(ABC):
         if (isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0
                 or not math.isfinite(delay) or delay > MAX_DELAY_S):
             raise ConfigurationError(f'invalid delay {delay!r}: seconds from 0 to {MAX_DELAY_S} expected')
+        if topic and not queue.is_exchange:
+            raise ConfigurationError(f'topic {topic!r}: {name!r} is a queue; topics route '
+                                     f'messages sent to an exchange')
         if queue.is_exchange:
             targets = tuple(q.name for q in Queue.bound_to(name, topic))
             exchange = name

@@ -43,3 +43,16 @@ def mask_dsn(dsn: str) -> str:
             masked = [(k, '***' if k.lower() in SECRET_PARAMS else v) for k, v in pairs]
             parts = parts._replace(query=urlencode(masked, safe='*'))
     return parts.geturl()
+
+
+def check_redis_db(parts: SplitResult, dsn: str) -> None:
+    """A Redis DSN's path is empty or a database number: refuse ``redis://host/abc``.
+
+    redis-py reads a path it cannot parse as database 0, silently.
+    """
+    if parts.scheme == 'unix':
+        return
+    path = parts.path.strip('/')
+    if path and not (path.isdigit() and len(path) < 6):
+        raise InvalidDSN(f'malformed DSN {mask_dsn(dsn)!r}: the path must be a database '
+                         f'number, not {path!r}')

@@ -205,13 +205,15 @@ class ConsumerRunner:
             await self._dead_letter(delivery, f'rejected: {outcome.reason}')
         elif isinstance(outcome, Exception):
             self.log.warning('Handler %s failed on message %s (attempt %d)', consumer.name,
-                             delivery.message_id, delivery.attempt, exc_info=outcome)
+                             delivery.message_id, delivery.attempt, exc_info=outcome,
+                             extra=self._about(delivery))
             await self._failed(delivery, f'{type(outcome).__name__}: {outcome}')
         elif isinstance(outcome, asyncio.CancelledError) and task.cancelling() == 0:
             # Nobody cancelled this task: the handler raised CancelledError itself (an inner
             # task's, say). That is this message failing, not a stop.
             self.log.warning('Handler %s raised CancelledError on message %s (attempt %d)',
-                             consumer.name, delivery.message_id, delivery.attempt)
+                             consumer.name, delivery.message_id, delivery.attempt,
+                             extra=self._about(delivery))
             await self._failed(delivery, 'CancelledError raised by the handler')
         elif isinstance(outcome, asyncio.CancelledError):
             # Cancelled from outside (a stop past its grace, the loop shutting down): not the
@@ -220,16 +222,22 @@ class ConsumerRunner:
             raise outcome
         else:  # KeyboardInterrupt, SystemExit...: the message failed; the process exits as asked
             self.log.error('Handler %s raised %s on message %s (attempt %d)', consumer.name,
-                           type(outcome).__name__, delivery.message_id, delivery.attempt)
+                           type(outcome).__name__, delivery.message_id, delivery.attempt,
+                           extra=self._about(delivery))
             await self._failed(delivery, f'{type(outcome).__name__} raised by the handler')
             raise outcome
+
+    def _about(self, delivery: Delivery) -> dict[str, object]:
+        """Log record fields for a message (shown by ``--log-format json``)."""
+        return {'queue': self._queue, 'message_id': delivery.message_id, 'attempt': delivery.attempt}
 
     async def _renew(self, delivery: Delivery) -> bool:
         try:
             return await self._sub.extend(delivery)
         except Exception:
             self.log.warning('Could not renew message %s of %s; handling it anyway',
-                             delivery.message_id, self._queue, exc_info=True)
+                             delivery.message_id, self._queue, exc_info=True,
+                             extra=self._about(delivery))
             return True
 
     async def _failed(self, delivery: Delivery, error: str, delay: float | None = None) -> None:
@@ -240,12 +248,14 @@ class ConsumerRunner:
             return
         delay = self._config.backoff(attempt) if delay is None else delay
         self.log.info('Message %s of %s: %s; attempt %d in %.2fs',
-                      delivery.message_id, self._queue, error, attempt + 1, delay)
+                      delivery.message_id, self._queue, error, attempt + 1, delay,
+                      extra=self._about(delivery))
         await self._settle(self._sub.retry_later, delivery, delay, error)
 
     async def _dead_letter(self, delivery: Delivery, error: str) -> None:
         self.log.error('Message %s of %s dead-lettered after %d attempt(s): %s',
-                       delivery.message_id, self._queue, delivery.attempt, error)
+                       delivery.message_id, self._queue, delivery.attempt, error,
+                       extra=self._about(delivery))
         await self._settle(self._sub.dead_letter, delivery, error)
 
     async def _settle(self, action: Callable[..., Awaitable[None]], *args: object) -> None:

@@ -26,7 +26,7 @@ import orjson
 
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
-from ..dsn import mask_dsn, parse_dsn
+from ..dsn import check_redis_db, mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..transport import DeadLetter, Outgoing, Subscription
 from .redis_consumer import GROUP, RedisSubscription
@@ -51,7 +51,7 @@ class RedisBroker(AbstractQueueBroker):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_dsn(self.dsn, ('redis', 'rediss', 'unix'))
+        check_redis_db(parse_dsn(self.dsn, ('redis', 'rediss', 'unix')), self.dsn)
         self._client: aioredis.Redis | None = None
         self._delayed_watch: set[str] = set()
         self._mover: asyncio.Task[None] | None = None
