@@ -60,3 +60,12 @@ def test_errors_page_covers_every_exception_and_handler_control() -> None:
                if inspect.isclass(value) and issubclass(value, Exception)}
     assert classes <= headings, classes - headings
     assert {Retry.__name__, Reject.__name__} <= set(re.findall(r'`(\w+)\(', page))
+
+
+def test_readme_links_point_at_files_that_exist() -> None:
+    # mkdocs --strict checks the site's links; the README lives outside it.
+    readme = (ROOT / 'README.md').read_text()
+    targets = re.findall(r'\]\(([^)#]+)(?:#[^)]*)?\)', readme)
+    assert targets, 'the README lost its links'
+    missing = [t for t in targets if '://' not in t and not (ROOT / t).exists()]
+    assert not missing, missing
