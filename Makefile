@@ -1,8 +1,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# MkDocs Material prints a banner about its successor on every build; the build is what matters.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test lint bench docs example clean
+.PHONY: install install-docs test lint bench docs docs-serve package example clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -11,21 +13,32 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 
+install-docs: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,docs]'
+
 test: install
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check microagent_mq tests examples bench
+	$(BIN)/ruff check microagent_mq tests examples bench docs/_tools
 	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m bench
 
-docs:
-	@echo "The docs are Markdown: docs/index.md"
+# The site, into site/; --strict: a broken link, anchor or reference fails the build.
+docs: install-docs
+	$(BIN)/mkdocs build --strict
+
+docs-serve: install-docs
+	$(BIN)/mkdocs serve
+
+# Build the sdist and the wheel, install the wheel in a fresh venv, check what pip sees.
+package: $(BIN)/python
+	PYTHON=$(PYTHON) bash .ci/check_package
 
 example: install
 	$(BIN)/python examples/run_demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist site

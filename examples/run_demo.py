@@ -34,6 +34,9 @@ async def main() -> dict[str, object]:
 
 if __name__ == '__main__':
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    # The agents tell what they do, so the engine's ERROR lines (the dead letters this demo
+    # provokes) come with their explanation.
+    logging.getLogger('microagent_mq.agent').setLevel(logging.INFO)
     outcome = asyncio.run(main())
     print('welcomed:', ', '.join(outcome['welcomed']))  # type: ignore[arg-type]
     for user_id, error in outcome['dead_letters']:  # type: ignore[attr-defined]

@@ -55,5 +55,9 @@ class Signups(MicroAgent):
         for user_id in range(1, 4):
             await self.broker.user_created.send({'user_id': user_id,
                                                  'email': f'user{user_id}@example.com'})
+        # Said before the engine's ERROR lines, so a newcomer reads them as the point of the demo.
+        self.log.info('Now 2 bad sign-ups, on purpose: a blocked address (the handler rejects it) '
+                      'and a malformed one (the Signup DTO refuses it). The 2 ERROR lines that '
+                      'follow are the engine dead-lettering them: the behaviour this demo shows.')
         await self.broker.user_created.send({'user_id': 4, 'email': 'spam@blocked.example'})
         await self.broker.user_created.send({'user_id': 5, 'email': 'not-an-address'})
