@@ -8,6 +8,11 @@ A block runs on the memory broker unless the line before its fence says otherwis
                                      the namespace: a producer script, then its consumer
     <!-- run: no (why) -->           deliberately not runnable; keep these few
 
+A page whose blocks are one test module of a user's project (pytest tests, not programs)
+says so once, anywhere in it, and is run by the test file it names instead:
+
+    <!-- run: page by tests/test_x_docs.py -->
+
 A ``text`` block right after a Python block is its expected output (stdout, exactly).
 The examples name ordinary servers and prefixes (``redis://localhost:6379/0``, ``mq:``); the
 runner moves them into the test's own namespace by wrapping the brokers' ``__post_init__``,
@@ -30,7 +35,19 @@ import pytest
 from .conftest import AMQP_DSN, rabbitmqctl, require_server
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / 'README.md', *sorted((ROOT / 'docs').rglob('*.md'))]
+PAGE_RUNNER = re.compile(r'<!--\s*run:\s*page by (?P<test>tests/\S+\.py)\s*-->')
+
+
+def _run_here(page: Path) -> bool:
+    found = PAGE_RUNNER.search(page.read_text())
+    if found is None:
+        return True
+    assert (ROOT / found['test']).exists(), f'{page}: {found["test"]} does not exist'
+    return False
+
+
+SOURCES = [page for page in [ROOT / 'README.md', *sorted((ROOT / 'docs').rglob('*.md'))]
+           if _run_here(page)]
 FENCE = re.compile(r'^(?P<fence>```+|~~~+)\s*(?P<info>.*)$')
 MARK = re.compile(r'^<!--\s*run:\s*(?P<spec>.*?)\s*-->$')
 KINDS = ('memory', 'redis', 'amqp')
