@@ -8,18 +8,23 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from uuid import uuid4
 
 from .consumer import Consumer
 from .dsn import mask_dsn
 from .engine import ConsumerRunner
-from .exceptions import ConfigurationError, QueueException, SerializingError
+from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
+from .message_codec import codec_of
+from .messages import check_headers, headers_for, routing_of
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, Subscription
 
 __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
+
+if TYPE_CHECKING:
+    from .messages import Message as TypedMessage
 
 SEND_OPTIONS = frozenset({'topic', 'delay'})
 Message = str | bytes | dict[str, Any]
@@ -47,17 +52,39 @@ class AbstractQueueBroker(ABC):
 
     # public API -----------------------------------------------------------------------
 
-    async def send(self, name: str, message: Message, **kwargs: Any) -> None:
+    async def send(self, name: str, message: Message, headers: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
         """Write a message to queue ``name`` (or to every queue bound to exchange ``name``).
 
         ``message``: serialized JSON object (a dict is serialized for you).
         ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered.
+        ``headers=``: metadata beside the body (str keys, JSON values; ``mq-*`` is reserved).
         """
-        await self._publish([self._outgoing(name, _body(message), kwargs)])
+        outgoing = self._outgoing(name, _body(message), kwargs)
+        if headers is not None:
+            outgoing.headers = check_headers(headers)
+        await self._publish([outgoing])
 
-    async def send_many(self, name: str, messages: Iterable[Message], **kwargs: Any) -> None:
+    async def send_many(self, name: str, messages: Iterable[Message],
+                        headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Write several messages in one go, with the same guarantees as ``send``."""
         batch = [self._outgoing(name, _body(m), kwargs) for m in messages]
+        if headers is not None:
+            checked = check_headers(headers)
+            for outgoing in batch:
+                outgoing.headers = checked
+        if batch:
+            await self._publish(batch)
+
+    async def publish(self, message: 'TypedMessage', delay: float | None = None,
+                      headers: dict[str, Any] | None = None) -> None:
+        """Publish a ``Message`` where its class routes it (a queue, or an exchange and topic)."""
+        await self._publish([self._typed_outgoing(message, delay, headers)])
+
+    async def publish_many(self, messages: Iterable['TypedMessage'], delay: float | None = None,
+                           headers: dict[str, Any] | None = None) -> None:
+        """Publish several messages, each routed by its class, in one go."""
+        batch = [self._typed_outgoing(m, delay, headers) for m in messages]
         if batch:
             await self._publish(batch)
 
@@ -174,6 +201,37 @@ class AbstractQueueBroker(ABC):
         if queue.is_exchange:
             raise QueueException(f'{name!r} is an exchange, not a queue')
         return queue
+
+    def _typed_outgoing(self, message: 'TypedMessage', delay: float | None,
+                        headers: dict[str, Any] | None) -> Outgoing:
+        cls = type(message)
+        routing = routing_of(cls)
+        body = codec_of(cls).encode(message)
+        options: dict[str, Any] = {'delay': delay} if delay else {}
+        if routing.queue:
+            try:
+                outgoing = self._outgoing(routing.queue, body, options)
+            except QueueNotFound:  # registered on first use, as queues.json would
+                Queue(routing.queue)
+                outgoing = self._outgoing(routing.queue, body, options)
+        else:
+            options['topic'] = routing.topic
+            try:
+                outgoing = self._outgoing(routing.exchange, body, options)
+            except QueueNotFound:  # no queue of this process is bound to it (yet)
+                outgoing = self._outgoing_unbound(routing.exchange, body, options)
+        outgoing.headers = headers_for(message, headers)
+        return outgoing
+
+    def _outgoing_unbound(self, exchange: str, body: bytes, options: dict[str, Any]) -> Outgoing:
+        # RabbitMQ routes by its own bindings; the other transports by the registry, so
+        # there the message is not stored, as RabbitMQ does with one no queue asked for.
+        self.log.debug('No queue of exchange %s is declared here', exchange)
+        delay = options.get('delay') or 0.0
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+            raise ConfigurationError(f'invalid delay {delay!r}: seconds >= 0 expected')
+        return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (), exchange,
+                        options['topic'], float(delay), sent_at=time.time())
 
     def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
         queue = Queue.get(name)

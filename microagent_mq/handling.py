@@ -1,0 +1,163 @@
+"""``Route``: one handler of a consumer — what it takes, how it is called, what its errors mean.
+
+A route is made once per handler: its signature is inspected then, so a message pays for a
+few set operations. A *plain* route (an ``async def`` taking the body's keys, maybe a
+``dto_class``, no predicate nor error policy, no ``MessageInfo``) is called by the engine
+directly, exactly as before typed messages existed; every other route goes through ``call``.
+"""
+
+import inspect
+import logging
+import typing
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .control import Reject, Retry
+from .exceptions import ConfigurationError, SerializingError
+from .message_codec import codec_of
+from .messages import RESERVED_PREFIX, TOPIC_HEADER, TYPE_HEADER, MessageInfo, is_message_class, type_name_of
+from .options import ConsumerOptions
+from .queue import decode
+
+if TYPE_CHECKING:
+    from .transport import Delivery
+
+log = logging.getLogger('microagent_mq.consumer')
+
+
+class PoisonMessage(Exception):
+    """The body cannot become the handler's arguments; retrying cannot help."""
+
+
+class Route:
+    """One handler: its method, the class its message becomes, its per-handler options."""
+
+    def __init__(self, handler: Callable[..., Any], message_class: type | None, dto_name: str | None,
+                 config: ConsumerOptions, name: str) -> None:
+        self.handler = handler
+        self.name = name
+        self.config = config
+        self.typed = is_message_class(message_class)
+        self.message_class = message_class
+        self.type_name = type_name_of(message_class) if self.typed and message_class else ''
+        self.dto_key = (dto_name or 'dto') if message_class is not None else ''
+        self.sync = not inspect.iscoroutinefunction(handler)
+        if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
+            raise ConfigurationError(f'{name}: a consumer must be a function, not a generator')
+        signature = inspect.signature(handler)
+        self.info_key = _info_parameter(handler, signature)
+        self.accepts_any, self.required, self.allowed, self.reserved = _parameters(signature, handler)
+        self.required.discard(self.dto_key)
+        self.allowed.add(self.dto_key)
+        if self.info_key:
+            self.required.discard(self.info_key)
+            self.allowed.discard(self.info_key)
+            self.reserved.add(self.info_key)
+        if self.typed:
+            self._check_typed_signature()
+            self._decode = codec_of(message_class).decode  # type: ignore[arg-type]
+        self.plain = not (self.typed or self.sync or self.info_key or config.has_handler_options)
+
+    def _check_typed_signature(self) -> None:
+        if not self.accepts_any and self.dto_key not in self.allowed:
+            raise ConfigurationError(f'{self.name} takes no parameter {self.dto_key!r} for its '
+                                     f'{self.type_name} message (set dto_name=)')
+        if self.required:
+            raise ConfigurationError(f'{self.name}: a typed message cannot fill parameters '
+                                     f'{sorted(self.required)}')
+
+    # arguments ---------------------------------------------------------------------------
+
+    def body_arguments(self, delivery: 'Delivery') -> dict[str, Any]:
+        """The keyword arguments for a dict (or ``dto_class``) handler; raises ``PoisonMessage``."""
+        try:
+            data = decode(delivery.body)
+        except SerializingError as exc:
+            raise PoisonMessage(str(exc)) from exc
+        if self.required and (missing := self.required - data.keys()):
+            raise PoisonMessage(f'message lacks arguments {sorted(missing)} of {self.name}')
+        if self.accepts_any:
+            # A key naming a parameter the body cannot fill (``self``) would fail every attempt.
+            if self.reserved and not self.reserved.isdisjoint(data):
+                raise PoisonMessage(f'message has keys {sorted(self.reserved & data.keys())} that '
+                                    f'{self.name} cannot take')
+        elif extra := data.keys() - self.allowed:
+            raise PoisonMessage(f'{self.name} takes no arguments {sorted(extra)}')
+        dto_class = self.message_class
+        if dto_class is None:
+            return data
+        try:
+            dto = dto_class(**data)
+        except Exception as exc:
+            raise PoisonMessage(f'{dto_class.__name__} rejected the message: {exc}') from exc
+        return {**data, self.dto_key: dto}
+
+    def arguments(self, delivery: 'Delivery') -> tuple[dict[str, Any], Any]:
+        """The handler's keyword arguments and what its predicate sees; raises ``PoisonMessage``."""
+        if not self.typed:
+            kwargs = self.body_arguments(delivery)
+            return kwargs, kwargs[self.dto_key] if self.dto_key else kwargs
+        try:
+            value = self._decode(delivery.body)
+        except Exception as exc:  # not JSON, or the class (dataclass, pydantic) refused it
+            raise PoisonMessage(f'{self.type_name} rejected the message: {exc}') from exc
+        return {self.dto_key: value}, value
+
+    def info(self, delivery: 'Delivery', queue: str, max_attempts: int) -> MessageInfo:
+        """What the handler may know about ``delivery``."""
+        headers = delivery.headers or {}
+        return MessageInfo(
+            message_id=delivery.message_id, queue=queue, attempt=delivery.attempt,
+            max_attempts=max_attempts, type_name=headers.get(TYPE_HEADER) or self.type_name,
+            topic=headers.get(TOPIC_HEADER, ''), sent_at=delivery.sent_at,
+            headers={k: v for k, v in headers.items() if not k.startswith(RESERVED_PREFIX)})
+
+    # outcome -----------------------------------------------------------------------------
+
+    def judge(self, exc: Exception, info: MessageInfo) -> Retry | Reject | None:
+        """The error policy's verdict on ``exc``: retry, dead-letter, or None (the default)."""
+        config = self.config
+        if config.on_error is not None:
+            verdict = config.on_error(exc, info)
+            if isinstance(verdict, Retry | Reject):
+                return verdict
+            if verdict is not None:
+                log.error('on_error of %s returned %r, not Retry, Reject or None; ignored',
+                          self.name, verdict)
+        if config.reject_on and isinstance(exc, config.reject_on):
+            return Reject(f'{type(exc).__name__}: {exc} (reject_on)')
+        if config.retry_on and not isinstance(exc, config.retry_on):
+            return Reject(f'{type(exc).__name__}: {exc} (not in retry_on)')
+        return None
+
+
+def _info_parameter(handler: Callable[..., Any], signature: inspect.Signature) -> str:
+    try:
+        hints = typing.get_type_hints(handler)
+    except Exception:  # an annotation that does not resolve here: read them as written
+        hints = {name: p.annotation for name, p in signature.parameters.items()}
+    for name, hint in hints.items():
+        if name != 'return' and (hint is MessageInfo or hint == 'MessageInfo'):
+            return name
+    return ''
+
+
+def _parameters(signature: inspect.Signature,
+                handler: Callable[..., Any]) -> tuple[bool, set[str], set[str], set[str]]:
+    accepts_any, required, allowed, reserved = False, set(), set(), set()
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            accepts_any = True
+        elif param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            allowed.add(param.name)
+            if param.default is param.empty:
+                required.add(param.name)
+        elif param.kind is param.POSITIONAL_ONLY:
+            reserved.add(param.name)
+    function = getattr(handler, '__func__', None)
+    if inspect.ismethod(handler) and function is not None:
+        # The bound parameter (``self``) is not in the signature, but a body key may name it.
+        first = next(iter(inspect.signature(function).parameters.values()), None)
+        if first is not None and first.kind is not first.VAR_POSITIONAL:
+            reserved.add(first.name)
+    return accepts_any, required, allowed, reserved
