@@ -47,6 +47,7 @@ class Route:
         signature = inspect.signature(handler)
         self.info_key = _info_parameter(handler, signature)
         self.accepts_any, self.required, self.allowed, self.reserved = _parameters(signature, handler)
+        takes_dto = self.accepts_any or self.dto_key in self.allowed
         self.required.discard(self.dto_key)
         self.allowed.add(self.dto_key)
         if self.info_key:
@@ -54,12 +55,12 @@ class Route:
             self.allowed.discard(self.info_key)
             self.reserved.add(self.info_key)
         if self.typed:
-            self._check_typed_signature()
+            self._check_typed_signature(takes_dto)
             self._decode = codec_of(message_class).decode  # type: ignore[arg-type]
         self.plain = not (self.typed or self.sync or self.info_key or config.has_handler_options)
 
-    def _check_typed_signature(self) -> None:
-        if not self.accepts_any and self.dto_key not in self.allowed:
+    def _check_typed_signature(self, takes_dto: bool) -> None:
+        if not takes_dto:
             raise ConfigurationError(f'{self.name} takes no parameter {self.dto_key!r} for its '
                                      f'{self.type_name} message (set dto_name=)')
         if self.required:

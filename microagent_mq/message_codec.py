@@ -68,7 +68,7 @@ def _dataclass_codec(cls: type, name: str) -> Codec:
 
     def encode(message: Any) -> bytes:
         try:
-            return orjson.dumps(message)
+            return orjson.dumps(message, default=_default)
         except TypeError as exc:
             raise SerializingError(f'{name} is not JSON-serialisable: {exc}') from exc
 
@@ -79,6 +79,13 @@ def _dataclass_codec(cls: type, name: str) -> Codec:
         return build(data)
 
     return Codec(encode, decode)
+
+
+def _default(value: Any) -> Any:
+    # Called by orjson only for what it cannot write itself: sets become JSON arrays.
+    if isinstance(value, set | frozenset):
+        return list(value)
+    raise TypeError(f'Type is not JSON serializable: {type(value).__name__}')
 
 
 def _dataclass_builder(cls: type) -> Callable[[dict[str, Any]], Any]:
