@@ -15,8 +15,7 @@ from .consumer import Consumer
 from .dsn import mask_dsn
 from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
-from .message_codec import codec_of
-from .messages import check_headers, headers_for, routing_of
+from .messages import _publications, check_headers, publication_of
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, Subscription
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
     from .messages import Message as TypedMessage
 
 SEND_OPTIONS = frozenset({'topic', 'delay'})
+_NO_OPTIONS: dict[str, Any] = {}  # read only
 Message = str | bytes | dict[str, Any]
 
 
@@ -204,23 +204,20 @@ class AbstractQueueBroker(ABC):
 
     def _typed_outgoing(self, message: 'TypedMessage', delay: float | None,
                         headers: dict[str, Any] | None) -> Outgoing:
-        cls = type(message)
-        routing = routing_of(cls)
-        body = codec_of(cls).encode(message)
-        options: dict[str, Any] = {'delay': delay} if delay else {}
-        if routing.queue:
-            try:
-                outgoing = self._outgoing(routing.queue, body, options)
-            except QueueNotFound:  # registered on first use, as queues.json would
-                Queue(routing.queue)
-                outgoing = self._outgoing(routing.queue, body, options)
-        else:
-            options['topic'] = routing.topic
-            try:
-                outgoing = self._outgoing(routing.exchange, body, options)
-            except QueueNotFound:  # no queue of this process is bound to it (yet)
-                outgoing = self._outgoing_unbound(routing.exchange, body, options)
-        outgoing.headers = headers_for(message, headers)
+        how = _publications.get(type(message)) or publication_of(type(message))
+        body = how.encode(message)
+        options = _NO_OPTIONS
+        if delay or how.topic:
+            options = {'delay': delay, 'topic': how.topic}
+        try:
+            outgoing = self._outgoing(how.target, body, options)
+        except QueueNotFound:
+            if how.to_exchange:  # no queue of this process is bound to it (yet)
+                outgoing = self._outgoing_unbound(how.target, body, options)
+            else:  # registered on first use, as queues.json would have
+                Queue(how.target)
+                outgoing = self._outgoing(how.target, body, options)
+        outgoing.headers = how.headers if headers is None else how.headers_with(headers)
         return outgoing
 
     def _outgoing_unbound(self, exchange: str, body: bytes, options: dict[str, Any]) -> Outgoing:
@@ -231,7 +228,7 @@ class AbstractQueueBroker(ABC):
         if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
             raise ConfigurationError(f'invalid delay {delay!r}: seconds >= 0 expected')
         return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (), exchange,
-                        options['topic'], float(delay), sent_at=time.time())
+                        options.get('topic', ''), float(delay), sent_at=time.time())
 
     def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
         queue = Queue.get(name)

@@ -6,7 +6,7 @@ to an exchange with a topic, and every queue bound to it whose patterns match ge
 plain JSON of the fields; the type name (and the topic) travel in headers under reserved names.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,6 +14,7 @@ import orjson
 
 from .default_broker import get_default_broker
 from .exceptions import ConfigurationError, SerializingError
+from .message_codec import codec_of
 from .queue import check_name
 from .routing import is_valid_topic
 
@@ -117,11 +118,33 @@ def check_headers(headers: object) -> dict[str, Any]:
     return headers
 
 
-def headers_for(message: Message, extra: dict[str, Any] | None) -> dict[str, Any]:
-    """The headers a message travels with: the library's, plus the producer's ``extra``."""
-    if extra is None:
-        return message.__mq_headers__
-    return {**check_headers(extra), **message.__mq_headers__}
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """How instances of one message class are published, worked out once per class."""
+
+    target: str  # the queue, or the exchange
+    to_exchange: bool
+    topic: str
+    encode: Callable[[Any], bytes]
+    headers: dict[str, Any]  # the library's headers, shared by every message of the class
+
+    def headers_with(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        """The headers a message travels with: the library's, plus the producer's ``extra``."""
+        return self.headers if extra is None else {**check_headers(extra), **self.headers}
+
+
+_publications: dict[type, Publication] = {}
+
+
+def publication_of(cls: type) -> Publication:
+    """The ``Publication`` of message class ``cls``; clear errors for what cannot be published."""
+    publication = _publications.get(cls)
+    if publication is None:
+        routing = routing_of(cls)
+        publication = _publications[cls] = Publication(
+            routing.queue or routing.exchange, not routing.queue, routing.topic,
+            codec_of(cls).encode, cls.__mq_headers__)  # type: ignore[attr-defined]
+    return publication
 
 
 @dataclass(frozen=True, slots=True)
