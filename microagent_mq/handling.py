@@ -46,7 +46,8 @@ class Route:
             raise ConfigurationError(f'{name}: a consumer must be a function, not a generator')
         signature = inspect.signature(handler)
         self.info_key = _info_parameter(handler, signature)
-        self.accepts_any, self.required, self.allowed, self.reserved = _parameters(signature, handler)
+        self.accepts_any, self.required, self.allowed, self.reserved = _parameters(signature)
+        self.self_key = _bound_parameter(handler)  # None for a plain function
         takes_dto = self.accepts_any or self.dto_key in self.allowed
         self.required.discard(self.dto_key)
         self.allowed.add(self.dto_key)
@@ -79,9 +80,10 @@ class Route:
             raise PoisonMessage(f'message lacks arguments {sorted(missing)} of {self.name}')
         if self.accepts_any:
             # A key naming a parameter the body cannot fill (``self``) would fail every attempt.
-            if self.reserved and not self.reserved.isdisjoint(data):
-                raise PoisonMessage(f'message has keys {sorted(self.reserved & data.keys())} that '
-                                    f'{self.name} cannot take')
+            # One dict lookup for ``self``; the rare others (positional-only) only when there are.
+            if self.self_key in data or (self.reserved and not self.reserved.isdisjoint(data)):
+                taken = sorted((self.reserved | {self.self_key or ''}) & data.keys())
+                raise PoisonMessage(f'message has keys {taken} that {self.name} cannot take')
         elif extra := data.keys() - self.allowed:
             raise PoisonMessage(f'{self.name} takes no arguments {sorted(extra)}')
         dto_class = self.message_class
@@ -143,8 +145,7 @@ def _info_parameter(handler: Callable[..., Any], signature: inspect.Signature) -
     return ''
 
 
-def _parameters(signature: inspect.Signature,
-                handler: Callable[..., Any]) -> tuple[bool, set[str], set[str], set[str]]:
+def _parameters(signature: inspect.Signature) -> tuple[bool, set[str], set[str], set[str]]:
     accepts_any, required, allowed, reserved = False, set(), set(), set()
     for param in signature.parameters.values():
         if param.kind is param.VAR_KEYWORD:
@@ -155,10 +156,13 @@ def _parameters(signature: inspect.Signature,
                 required.add(param.name)
         elif param.kind is param.POSITIONAL_ONLY:
             reserved.add(param.name)
-    function = getattr(handler, '__func__', None)
-    if inspect.ismethod(handler) and function is not None:
-        # The bound parameter (``self``) is not in the signature, but a body key may name it.
-        first = next(iter(inspect.signature(function).parameters.values()), None)
-        if first is not None and first.kind is not first.VAR_POSITIONAL:
-            reserved.add(first.name)
     return accepts_any, required, allowed, reserved
+
+
+def _bound_parameter(handler: Callable[..., Any]) -> str | None:
+    """The parameter a bound method has already filled (``self``): not in its signature."""
+    function = getattr(handler, '__func__', None)
+    if not inspect.ismethod(handler) or function is None:
+        return None
+    first = next(iter(inspect.signature(function).parameters.values()), None)
+    return first.name if first is not None and first.kind is not first.VAR_POSITIONAL else None
