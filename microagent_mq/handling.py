@@ -49,8 +49,9 @@ class Route:
         self.accepts_any, self.required, self.allowed, self.reserved = _parameters(signature)
         self.self_key = _bound_parameter(handler)  # None for a plain function
         takes_dto = self.accepts_any or self.dto_key in self.allowed
-        self.required.discard(self.dto_key)
-        self.allowed.add(self.dto_key)
+        if self.dto_key:
+            self.required.discard(self.dto_key)
+            self.allowed.add(self.dto_key)
         if self.info_key:
             self.required.discard(self.info_key)
             self.allowed.discard(self.info_key)
