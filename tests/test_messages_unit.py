@@ -411,3 +411,18 @@ async def test_sync_handler_sees_the_override_of_its_caller(memory: MemoryBroker
     await memory.send(queue.name, {'n': 1})
     await wait_until(lambda: len(seen) == 1, what='the sync call')
     assert seen.items[0]['broker'] is other
+
+
+async def test_a_dto_key_without_dto_class_is_poison_not_a_retry_loop(memory: MemoryBroker) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n})
+
+    await Agent(broker=memory).start()
+    await memory.send_many(queue.name, [{'n': 1, 'dto': 'x'}, {'n': 2}])
+    assert await calls.wait_for(1) == [{'n': 2}]
+    [letter] = await memory.dead_letters(queue.name)
+    assert letter.attempts == 1 and "takes no arguments ['dto']" in letter.error
