@@ -1,5 +1,6 @@
 """Consumer options: how many attempts, how fast, how many at once; what to do on an error."""
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -81,6 +82,9 @@ class ConsumerOptions:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ConfigurationError(f'consumer option {name}={value!r}: expected a callable')
+            if inspect.iscoroutinefunction(value):  # its coroutine would be truthy, never awaited
+                raise ConfigurationError(f'consumer option {name}={value!r}: expected a plain '
+                                         f'function, not async def')
         if self.unknown not in ('dead_letter', 'ignore'):
             raise ConfigurationError(f"consumer option unknown={self.unknown!r}: expected 'dead_letter' "
                                      f"or 'ignore'")

@@ -152,6 +152,12 @@ def test_bad_consumer_options_name_the_option() -> None:
         consumer(queue, predicate=1)
     with pytest.raises(ConfigurationError, match=r"on_error='x': expected a callable"):
         consumer(queue, on_error='x')
+
+    async def async_predicate(dto: Any) -> bool:
+        return True
+
+    with pytest.raises(ConfigurationError, match=r'predicate=.*async_predicate.*not async def'):
+        consumer(queue, predicate=async_predicate)
     with pytest.raises(ConfigurationError, match=r'retry_on: 3 is not an exception class'):
         consumer(queue, retry_on=(ValueError, 3))
     with pytest.raises(ConfigurationError, match=r'reject_on: .*str.* is not an exception class'):
