@@ -15,7 +15,7 @@ from .consumer import Consumer
 from .dsn import mask_dsn
 from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
-from .messages import _publications, check_headers, publication_of
+from .messages import check_headers, publication_of, publications
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, Subscription
@@ -204,7 +204,7 @@ class AbstractQueueBroker(ABC):
 
     def _typed_outgoing(self, message: 'TypedMessage', delay: float | None,
                         headers: dict[str, Any] | None) -> Outgoing:
-        how = _publications.get(type(message)) or publication_of(type(message))
+        how = publications.get(type(message)) or publication_of(type(message))
         body = how.encode(message)
         options = _NO_OPTIONS
         if delay or how.topic:

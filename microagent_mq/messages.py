@@ -133,15 +133,16 @@ class Publication:
         return self.headers if extra is None else {**check_headers(extra), **self.headers}
 
 
-_publications: dict[type, Publication] = {}
+# Publication of each message class published so far; read directly on the publish path.
+publications: dict[type, Publication] = {}
 
 
 def publication_of(cls: type) -> Publication:
     """The ``Publication`` of message class ``cls``; clear errors for what cannot be published."""
-    publication = _publications.get(cls)
+    publication = publications.get(cls)
     if publication is None:
         routing = routing_of(cls)
-        publication = _publications[cls] = Publication(
+        publication = publications[cls] = Publication(
             routing.queue or routing.exchange, not routing.queue, routing.topic,
             codec_of(cls).encode, cls.__mq_headers__)  # type: ignore[attr-defined]
     return publication
