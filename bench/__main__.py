@@ -1,7 +1,9 @@
 """``make bench``: every system, every scenario, each in a fresh process; medians of rounds.
 
 Prints a table with the ratio of microagent_mq to the raw client doing the same work, and
-writes ``bench/results.json``. Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672).
+writes ``bench/results.json``. Scenario ``publish`` compares microagent_mq with itself:
+publishing a dataclass ``Message`` (``<broker>-typed``) against sending the same dict.
+Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672).
 """
 
 import argparse
@@ -16,14 +18,22 @@ ROUNDS = 3
 # (scenario, messages per run, figure) for each broker
 PLAN = {
     'memory': [('produce', 100_000, 'msg_per_s'), ('end_to_end', 100_000, 'msg_per_s'),
-               ('drain', 100_000, 'msg_per_s'), ('round_trip', 1000, 'p50_us')],
+               ('drain', 100_000, 'msg_per_s'), ('round_trip', 1000, 'p50_us'),
+               ('publish', 100_000, 'cpu_us')],
     'redis': [('produce', 5000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
               ('end_to_end', 5000, 'msg_per_s'), ('drain', 20_000, 'msg_per_s'),
-              ('round_trip', 1000, 'p50_us')],
+              ('round_trip', 1000, 'p50_us'), ('publish', 5000, 'cpu_us')],
     'amqp': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
              ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
-             ('round_trip', 1000, 'p50_us')],
+             ('round_trip', 1000, 'p50_us'), ('publish', 3000, 'cpu_us')],
 }
+
+
+def compared(broker: str, scenario: str) -> tuple[str, str]:
+    """The two systems a scenario compares: (ours, the baseline)."""
+    if scenario == 'publish':  # a dataclass published vs the same dict sent, both ours
+        return f'{broker}-typed', broker
+    return broker, f'{broker}-raw'
 
 
 def run_one(system: str, scenario: str, n: int, uvloop: bool) -> dict[str, float]:
@@ -49,16 +59,17 @@ def main() -> None:
     rows = []
     for broker in args.brokers:
         for scenario, n, figure in PLAN[broker]:
-            runs: dict[str, list[dict[str, float]]] = {broker: [], f'{broker}-raw': []}
+            ours_system, base_system = compared(broker, scenario)
+            runs: dict[str, list[dict[str, float]]] = {ours_system: [], base_system: []}
             for _ in range(args.rounds):  # alternate, so drift hits both alike
                 for system in runs:
                     runs[system].append(run_one(system, scenario, n, args.uvloop))
             entry: dict[str, object] = {'n': n}
             for system, samples in runs.items():
                 entry[system] = {key: summarise([s[key] for s in samples]) for key in samples[0]}
-            ours = entry[broker][figure]['median']  # type: ignore[index]
-            raw = entry[f'{broker}-raw'][figure]['median']  # type: ignore[index]
-            # A ratio above 1 is better for us: throughput ours/raw, latency raw/ours.
+            ours = entry[ours_system][figure]['median']  # type: ignore[index]
+            raw = entry[base_system][figure]['median']  # type: ignore[index]
+            # A ratio above 1 is better for us: throughput ours/raw, latency and CPU raw/ours.
             ratio = ours / raw if figure == 'msg_per_s' else raw / ours
             entry['ratio'] = ratio
             results.setdefault(broker, {})[scenario] = entry
@@ -68,11 +79,13 @@ def main() -> None:
                          f"{entry[f'{broker}-raw']['cpu_us']['median']:.0f} µs/msg ")  # type: ignore[index]
             if scenario == 'drain':
                 extra += f"rss {entry[broker]['rss_mb']['median']:.0f} MB"  # type: ignore[index]
+            if scenario == 'publish':
+                extra = f'dataclass vs dict: {ours / raw - 1:+.1%} CPU per message'
             if scenario == 'round_trip':
                 extra = (f"p99 {entry[broker]['p99_us']['median']:.0f} vs "  # type: ignore[index]
                          f"{entry[f'{broker}-raw']['p99_us']['median']:.0f} µs")  # type: ignore[index]
-            rows.append((broker, scenario, n, figure, entry[broker][figure],  # type: ignore[index]
-                         entry[f'{broker}-raw'][figure], ratio, extra))  # type: ignore[index]
+            rows.append((broker, scenario, n, figure, entry[ours_system][figure],  # type: ignore[index]
+                         entry[base_system][figure], ratio, extra))  # type: ignore[index]
             print(_row(rows[-1]), flush=True)
     Path(__file__).with_name('results.json').write_text(json.dumps(
         {'rounds': args.rounds, 'uvloop': args.uvloop, 'results': results}, indent=2))
@@ -92,7 +105,8 @@ def _row(row: tuple[object, ...]) -> str:
 
 def _fmt(summary: object) -> str:
     s = summary  # type: ignore[assignment]
-    return f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"  # type: ignore[index]
+    digits = 2 if s['median'] < 10 else 0  # type: ignore[index]
+    return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"  # type: ignore[index]
 
 
 if __name__ == '__main__':

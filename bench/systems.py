@@ -5,6 +5,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,6 +17,14 @@ BATCH = 32  # the raw consumers fetch / prefetch as many as ours does by default
 
 def message(i: int) -> dict[str, Any]:
     return {'user_id': i, 'text': 'hello'}
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The typed equivalent of ``message(i)`` (made a ``Message`` subclass per run)."""
+
+    user_id: int
+    text: str
 
 
 class Counter:
@@ -43,6 +52,10 @@ class System(ABC):
     def __init__(self) -> None:
         self.queue = f'bench_{uuid.uuid4().hex[:10]}'
         self.handled = Counter()
+
+    def item(self, i: int) -> Any:
+        """What this system sends as message ``i``."""
+        return message(i)
 
     @abstractmethod
     async def setup(self) -> None: ...
@@ -104,6 +117,29 @@ class Ours(System):
         await self.agent.stop(grace=1)
         await self.broker.close()
         await _cleanup(self.kind, self.queue)
+
+
+class OursTyped(Ours):
+    """microagent_mq publishing a frozen dataclass ``Message`` instead of sending the dict."""
+
+    async def setup(self) -> None:
+        await super().setup()
+        from microagent_mq import Message
+
+        @dataclass(frozen=True)
+        class TypedPayload(Payload, Message, queue=self.queue):
+            pass
+
+        self.cls = TypedPayload
+
+    def item(self, i: int) -> Any:
+        return self.cls(i, 'hello')
+
+    async def send(self, data: Any) -> None:
+        await self.broker.publish(data)
+
+    async def send_many(self, items: list[Any]) -> None:
+        await self.broker.publish_many(items)
 
 
 class RawMemory(System):
@@ -230,6 +266,9 @@ async def _cleanup(kind: str, queue: str) -> None:
 SYSTEMS: dict[str, Callable[[], System]] = {
     'memory': lambda: Ours('memory'),
     'memory-raw': RawMemory,
+    'memory-typed': lambda: OursTyped('memory'),
+    'redis-typed': lambda: OursTyped('redis'),
+    'amqp-typed': lambda: OursTyped('amqp'),
     'redis': lambda: Ours('redis'),
     'redis-raw': RawRedis,
     'amqp': lambda: Ours('amqp'),

@@ -15,6 +15,7 @@ from .exceptions import (
     SerializingError,
 )
 from .loader import load_queues
+from .messages import Message, MessageInfo, publish, publish_many
 from .options import ConsumerOptions
 from .queue import Queue
 from .transport import DeadLetter
@@ -30,6 +31,8 @@ __all__ = [
     'ConsumerOptions',
     'DeadLetter',
     'InvalidDSN',
+    'Message',
+    'MessageInfo',
     'MicroAgent',
     'Queue',
     'QueueException',
@@ -44,5 +47,7 @@ __all__ = [
     'load_queues',
     'on',
     'override_broker',
+    'publish',
+    'publish_many',
     'set_default_broker',
 ]

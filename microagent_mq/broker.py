@@ -11,21 +11,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from uuid import uuid4
 
 from .consumer import Consumer
 from .dsn import mask_dsn
 from .engine import ConsumerRunner
-from .exceptions import ConfigurationError, QueueException, SerializingError
+from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
+from .messages import check_headers, publication_of, publications
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, Subscription
 
 __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
 
+if TYPE_CHECKING:
+    from .messages import Message as TypedMessage
+
 SEND_OPTIONS = frozenset({'topic', 'delay'})
 MAX_DELAY_S = 365 * 24 * 3600  # a year: beyond that a delay is a mistake, not a schedule
+_NO_OPTIONS: dict[str, Any] = {}  # read only
 Message = str | bytes | dict[str, Any]
 
 
@@ -61,17 +66,39 @@ class AbstractQueueBroker(ABC):
 
     # public API -----------------------------------------------------------------------
 
-    async def send(self, name: str, message: Message, **kwargs: Any) -> None:
+    async def send(self, name: str, message: Message, headers: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
         """Write a message to queue ``name`` (or to every queue bound to exchange ``name``).
 
         ``message``: serialized JSON object (a dict is serialized for you).
         ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered.
+        ``headers=``: metadata beside the body (str keys, JSON values; ``mq-*`` is reserved).
         """
-        await self._publish([self._outgoing(name, message, kwargs)])
+        outgoing = self._outgoing(name, self._encode(name, message), kwargs)
+        if headers is not None:
+            outgoing.headers = check_headers(headers)
+        await self._publish([outgoing])
 
-    async def send_many(self, name: str, messages: Iterable[Message], **kwargs: Any) -> None:
+    async def send_many(self, name: str, messages: Iterable[Message],
+                        headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Write several messages in one go, with the same guarantees as ``send``."""
-        batch = [self._outgoing(name, m, kwargs) for m in messages]
+        batch = [self._outgoing(name, self._encode(name, m), kwargs) for m in messages]
+        if headers is not None:
+            checked = check_headers(headers)
+            for outgoing in batch:
+                outgoing.headers = checked
+        if batch:
+            await self._publish(batch)
+
+    async def publish(self, message: 'TypedMessage', delay: float | None = None,
+                      headers: dict[str, Any] | None = None) -> None:
+        """Publish a ``Message`` where its class routes it (a queue, or an exchange and topic)."""
+        await self._publish([self._typed_outgoing(message, delay, headers)])
+
+    async def publish_many(self, messages: Iterable['TypedMessage'], delay: float | None = None,
+                           headers: dict[str, Any] | None = None) -> None:
+        """Publish several messages, each routed by its class, in one go."""
+        batch = [self._typed_outgoing(m, delay, headers) for m in messages]
         if batch:
             await self._publish(batch)
 
@@ -206,10 +233,39 @@ class AbstractQueueBroker(ABC):
             raise QueueException(f'{name!r} is an exchange, not a queue')
         return queue
 
-    def _outgoing(self, name: str, message: Message, options: dict[str, Any]) -> Outgoing:
+    def _typed_outgoing(self, message: 'TypedMessage', delay: float | None,
+                        headers: dict[str, Any] | None) -> Outgoing:
+        how = publications.get(type(message)) or publication_of(type(message))
+        body = how.encode(message)
+        options = _NO_OPTIONS
+        if delay or how.topic:
+            options = {'delay': delay, 'topic': how.topic}
+        try:
+            outgoing = self._outgoing(how.target, body, options)
+        except QueueNotFound:
+            if how.to_exchange:  # no queue of this process is bound to it (yet)
+                outgoing = self._outgoing_unbound(how.target, body, options)
+            else:  # registered on first use, as queues.json would have
+                Queue(how.target)
+                outgoing = self._outgoing(how.target, body, options)
+        outgoing.headers = how.headers if headers is None else how.headers_with(headers)
+        return outgoing
+
+    def _outgoing_unbound(self, exchange: str, body: bytes, options: dict[str, Any]) -> Outgoing:
+        # RabbitMQ routes by its own bindings; the other transports by the registry, so
+        # there the message is not stored, as RabbitMQ does with one no queue asked for.
+        self.log.debug('No queue of exchange %s is declared here', exchange)
+        delay = _checked_delay(options.get('delay') or 0.0)
+        return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (), exchange,
+                        options.get('topic', ''), float(delay), sent_at=time.time())
+
+    def _encode(self, name: str, message: Message) -> bytes:
         queue = Queue.get(name)
         # A Queue subclass may define its own data format (the seed's serialize hook).
-        body = _body(message) if type(queue).serialize is Queue.serialize else _serialized(queue, message)
+        return _body(message) if type(queue).serialize is Queue.serialize else _serialized(queue, message)
+
+    def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
+        queue = Queue.get(name)
         if not options and not queue.is_exchange:  # the common case, checked cheaply
             return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,),
                             sent_at=time.time())
@@ -219,9 +275,7 @@ class AbstractQueueBroker(ABC):
         delay = options.get('delay') or 0.0
         if not isinstance(topic, str) or not is_valid_topic(topic):
             raise ConfigurationError(f'invalid topic {topic!r}: dot-separated words expected')
-        if (isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0
-                or not math.isfinite(delay) or delay > MAX_DELAY_S):
-            raise ConfigurationError(f'invalid delay {delay!r}: seconds from 0 to {MAX_DELAY_S} expected')
+        delay = _checked_delay(delay)
         if topic and not queue.is_exchange:
             raise ConfigurationError(f'topic {topic!r}: {name!r} is a queue; topics route '
                                      f'messages sent to an exchange')
@@ -282,3 +336,10 @@ def _serialized(queue: Queue, message: Message) -> bytes:
         return data
     raise SerializingError(f'{type(queue).__name__}.serialize must return str or bytes, '
                            f'not {type(data).__name__}')
+
+
+def _checked_delay(delay: Any) -> float:
+    if (isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0
+            or not math.isfinite(delay) or delay > MAX_DELAY_S):
+        raise ConfigurationError(f'invalid delay {delay!r}: seconds from 0 to {MAX_DELAY_S} expected')
+    return float(delay)

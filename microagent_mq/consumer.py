@@ -1,28 +1,45 @@
-"""``Consumer``: one agent's handler bound to one queue, and how a body becomes its arguments."""
+"""``Consumer``: an agent's handlers bound to one queue, and how a delivery reaches one of them.
 
-import inspect
-from collections.abc import Awaitable, Callable
+One handler taking dicts (the plain case) is called by the engine as it always was:
+``arguments`` is that route's ``body_arguments`` and ``handler`` the agent's method. Several
+typed handlers on one queue, a sync handler, a predicate, an error policy or a ``MessageInfo``
+parameter make ``arguments`` choose a route (by the ``mq-type`` header) and ``handler`` the
+dispatcher that runs it.
+"""
+
+import asyncio
+import contextvars
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ConfigurationError, SerializingError
-from .options import ConsumerOptions
-from .queue import Queue, decode
+from .control import Reject, Retry
+from .exceptions import ConfigurationError
+from .handling import PoisonMessage, Route, queue_decoder
+from .messages import TYPE_HEADER
+from .options import HANDLER_OPTIONS, ConsumerOptions
+from .queue import Queue
 
 if TYPE_CHECKING:
     from .agent import MicroAgent
     from .transport import Delivery
 
+__all__ = ['Consumer', 'Handler', 'PoisonMessage', 'Route']
+
 Handler = Callable[..., Awaitable[None]]
-
-
-class PoisonMessage(Exception):
-    """The body cannot become the handler's arguments; retrying cannot help."""
+log = logging.getLogger('microagent_mq.consumer')
 
 
 @dataclass(eq=False)
 class Consumer:
-    """A handler of an agent bound to a queue, with its timeout, DTO and options."""
+    """Handlers of an agent bound to a queue, with the queue's timeout and options.
+
+    Built with one ``handler`` (and its ``dto_class``), or with ``routes``: one per message
+    type, each with its own options; ``options`` are then the queue's delivery options.
+    """
 
     agent: 'MicroAgent'
     handler: Handler
@@ -31,6 +48,7 @@ class Consumer:
     options: dict[str, Any]
     dto_class: type | None = None
     dto_name: str | None = None
+    routes: Sequence[Route] = ()
     config: ConsumerOptions = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -39,59 +57,107 @@ class Consumer:
         if self.dto_class is not None and not self.dto_name:
             self.dto_name = 'dto'
         self.config = ConsumerOptions.parse(self.options, self.timeout)
-        # Inspect the signature once, so each message only pays for two set operations.
-        self._accepts_any, self._required, self._allowed, self._forbidden = _parameters(self.handler)
-        # A Queue subclass may define its own data format (the seed's deserialize hook).
-        self._decode = decode if type(self.queue).deserialize is Queue.deserialize else self._custom_decode
-        self._dto_key = self.dto_name or 'dto'
-        if self.dto_class is not None:
-            check_dto_parameter(self.handler, self._dto_key, self._accepts_any, self._allowed)
-        self._required.discard(self._dto_key)
-        self._body_params = frozenset(self._allowed - {self._dto_key})
-        self._allowed.add(self._dto_key)
+        if not self.routes:
+            own = {k: v for k, v in self.options.items() if k in HANDLER_OPTIONS}
+            self.routes = (Route(self.handler, self.dto_class, self.dto_name,
+                                 ConsumerOptions.parse(own, self.timeout), self._method_name(self.handler)),)
+        if decoder := queue_decoder(self.queue):
+            for route in self.routes:
+                route.decode_body = decoder
+        self.counts = {'filtered': 0, 'ignored': 0}
+        self._name = '+'.join(r.name for r in self.routes)
+        self._pool: ThreadPoolExecutor | None = None
+        first = self.routes[0]
+        self._by_type = {r.type_name: r for r in self.routes if r.typed}
+        # Without a type header: the one route of the queue (a foreign producer's JSON).
+        self._untyped = first if len(self.routes) == 1 else None
+        self._any_type = not first.typed  # a dict handler takes whatever the type says
+        if len(self.routes) == 1 and first.plain:
+            self.arguments = first.body_arguments  # type: ignore[method-assign]
+            self.handler = first.handler
+        else:
+            self.handler = self._dispatch
+
+    def _method_name(self, handler: Callable[..., Any]) -> str:
+        return f'{type(self.agent).__name__}.{getattr(handler, "__name__", "handler")}'
 
     @property
     def name(self) -> str:
-        """``Agent.method`` for logs."""
-        return f'{type(self.agent).__name__}.{getattr(self.handler, "__name__", "handler")}'
+        """``Agent.method`` for logs (``Agent.a+b`` for a queue with several handlers)."""
+        return self._name
 
     def arguments(self, delivery: 'Delivery') -> dict[str, Any]:
-        """The handler's keyword arguments for ``delivery``; raises ``PoisonMessage``."""
-        try:
-            data = self._decode(delivery.body)
-        except SerializingError as exc:
-            raise PoisonMessage(str(exc)) from exc
-        if self._forbidden and not self._forbidden.isdisjoint(data):
-            raise PoisonMessage(f'message has keys {sorted(self._forbidden & data.keys())} that '
-                                f'{self.name} cannot take as arguments')
-        if self._required and (missing := self._required - data.keys()):
-            raise PoisonMessage(f'message lacks arguments {sorted(missing)} of {self.name}')
-        if self.dto_class is None:
-            if not self._accepts_any and (extra := data.keys() - self._allowed):
-                raise PoisonMessage(f'{self.name} takes no arguments {sorted(extra)}')
-            return data
-        # The body builds the DTO; the handler gets it, plus the body fields it names.
-        try:
-            dto = self.dto_class(**data)
-        except Exception as exc:
-            raise PoisonMessage(f'{self.dto_class.__name__} rejected the message: {exc}') from exc
-        if self._accepts_any:
-            return {**data, self._dto_key: dto}
-        arguments = {name: data[name] for name in self._body_params if name in data}
-        arguments[self._dto_key] = dto
-        return arguments
+        """What the engine passes to ``handler`` for ``delivery``; raises ``PoisonMessage``."""
+        route = self._untyped
+        if not self._any_type:
+            headers = delivery.headers
+            type_name = headers.get(TYPE_HEADER) if headers else None
+            if type_name is not None:
+                route = self._by_type.get(type_name)
+            if route is None:
+                return {'route': None, 'delivery': delivery, 'kwargs': {},
+                        'value': self._unknown(type_name)}
+        assert route is not None
+        kwargs, value = route.arguments(delivery)
+        return {'route': route, 'delivery': delivery, 'kwargs': kwargs, 'value': value}
 
-    def _custom_decode(self, body: bytes) -> dict[str, Any]:
+    def _unknown(self, type_name: object) -> str:
+        if type_name is None:
+            reason = f'message without a type ({TYPE_HEADER}) on {self.queue.name}, which carries ' \
+                     f'{sorted(self._by_type)}'
+        else:
+            reason = f'no handler of {self.queue.name} takes message type {type_name!r}'
+        if self.config.unknown != 'ignore':
+            raise PoisonMessage(reason)
+        return reason
+
+    async def _dispatch(self, route: Route | None, delivery: 'Delivery', kwargs: dict[str, Any],
+                        value: Any) -> None:
+        if route is None:  # an unknown type, ignored as configured
+            self.counts['ignored'] += 1
+            log.info('Message %s ignored: %s', delivery.message_id, value)
+            return
+        config = route.config
+        info = None
+        if route.info_key:
+            info = route.info(delivery, self.queue.name, self.config.max_attempts)
+            kwargs[route.info_key] = info
         try:
-            data = self.queue.deserialize(body)
-        except SerializingError:
-            raise
+            if config.predicate is not None and not config.predicate(value):
+                self.counts['filtered'] += 1
+                return
+            if route.sync:
+                await self._run_in_thread(route.handler, kwargs)
+            else:
+                await route.handler(**kwargs)
+        except (Retry, Reject):
+            raise  # the handler's own word wins
         except Exception as exc:
-            raise SerializingError(f'{type(self.queue).__name__}.deserialize failed: {exc!r}') from exc
-        if not isinstance(data, dict):
-            raise SerializingError(f'{type(self.queue).__name__}.deserialize returned '
-                                   f'{type(data).__name__}, not a dict')
-        return data
+            if not (config.on_error or config.retry_on or config.reject_on):
+                raise
+            info = info or route.info(delivery, self.queue.name, self.config.max_attempts)
+            verdict = route.judge(exc, info)
+            if verdict is None:
+                raise
+            log.warning('Handler %s failed on message %s: %s', route.name, delivery.message_id,
+                        type(verdict).__name__, exc_info=exc)
+            raise verdict from exc
+
+    async def _run_in_thread(self, function: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+        # A thread cannot be stopped: on timeout the engine moves on and the thread runs on,
+        # holding one of the pool's ``concurrency`` threads until it returns.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.concurrency,
+                                            thread_name_prefix=f'mq-{self.queue.name}')
+        context = contextvars.copy_context()  # the default broker override, among others
+        call = functools.partial(context.run, function, **kwargs)
+        await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def close(self) -> None:
+        """Let the worker threads of sync handlers end (running ones finish on their own)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def info(self) -> dict[str, Any]:
         """What this consumer is, for ``MicroAgent.info()``."""
@@ -101,35 +167,7 @@ class Consumer:
             'timeout': self.timeout,
             'dto_class': self.dto_class.__name__ if self.dto_class else None,
             'dto_name': self.dto_name,
+            'types': sorted(self._by_type),
             'options': self.options,
+            **self.counts,
         }
-
-
-def check_dto_parameter(handler: Callable[..., Any], dto_key: str, accepts_any: bool | None = None,
-                        allowed: set[str] | None = None) -> None:
-    """A handler given a DTO must have a parameter for it; say so at decoration time."""
-    if accepts_any is None or allowed is None:
-        accepts_any, _, allowed, _ = _parameters(handler)
-    if not accepts_any and dto_key not in allowed:
-        name = getattr(handler, '__qualname__', repr(handler))
-        raise ConfigurationError(f'{name} takes no parameter {dto_key!r} for its DTO; '
-                                 f'add it or set dto_name= to the parameter that takes the DTO')
-
-
-def _parameters(handler: Callable[..., Any]) -> tuple[bool, set[str], set[str], frozenset[str]]:
-    accepts_any, required, allowed, forbidden = False, set(), set(), set()
-    for param in inspect.signature(handler).parameters.values():
-        if param.kind is param.VAR_KEYWORD:
-            accepts_any = True
-        elif param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
-            allowed.add(param.name)
-            if param.default is param.empty:
-                required.add(param.name)
-        elif param.kind is param.POSITIONAL_ONLY:
-            forbidden.add(param.name)
-    # A bound method's ``self`` is not in its signature, yet a body key 'self' collides
-    # with it (TypeError on every attempt): such a body is poison, never retried.
-    function = getattr(handler, '__func__', None)
-    if function is not None:
-        forbidden.update(list(inspect.signature(function).parameters)[:1])
-    return accepts_any, required, allowed, frozenset(forbidden)

@@ -1,13 +1,17 @@
-"""Consumer options: how many attempts, how fast, how many at once."""
+"""Consumer options: how many attempts, how fast, how many at once; what to do on an error."""
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from .exceptions import ConfigurationError
 
 # Added to the handler's timeout to get the default visibility timeout: the time a
 # fetched message stays reserved for a consumer before another may take it over.
 VISIBILITY_MARGIN_S = 10.0
+# Options of one handler; the others are the queue's (one value for all its handlers).
+HANDLER_OPTIONS = frozenset({'predicate', 'retry_on', 'reject_on', 'on_error'})
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +25,12 @@ class ConsumerOptions:
     ``visibility_timeout``: seconds an unacknowledged message stays reserved for this
     consumer (Redis); ``None`` derives it from the handler's timeout.
     ``stop_grace``: seconds ``stop()`` waits for running handlers before cancelling them.
+
+    Per handler (see docs/messages.md): ``predicate``: ``fn(dto_or_kwargs) -> bool``, False
+    acknowledges the message without calling the handler; ``retry_on``: only these exception
+    types are retried (others dead-letter at once); ``reject_on``: these dead-letter at once;
+    ``on_error``: ``fn(exc, info)`` returning ``Retry``, ``Reject`` or None (the rules above).
+    Per queue: ``unknown``: a message type no handler takes is ``'dead_letter'``-ed or ``'ignore'``-d.
     """
 
     max_attempts: int = 5
@@ -30,6 +40,11 @@ class ConsumerOptions:
     retry_delay_max: float = 300.0
     visibility_timeout: float | None = None
     stop_grace: float = 30.0
+    predicate: Callable[[Any], bool] | None = None
+    retry_on: tuple[type[BaseException], ...] = ()
+    reject_on: tuple[type[BaseException], ...] = ()
+    on_error: Callable[[Exception, Any], Any] | None = None
+    unknown: Literal['dead_letter', 'ignore'] = 'dead_letter'
 
     @classmethod
     def parse(cls, options: dict[str, Any], timeout: float) -> 'ConsumerOptions':
@@ -37,9 +52,18 @@ class ConsumerOptions:
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(options) - known):
             raise ConfigurationError(f'unknown consumer options {unknown}; known: {sorted(known)}')
+        options = dict(options)
+        for name in ('retry_on', 'reject_on'):
+            if name in options:
+                options[name] = _exception_types(name, options[name])
         parsed = cls(**options)
         parsed._check(timeout)
         return parsed
+
+    @property
+    def has_handler_options(self) -> bool:
+        """Whether a predicate or an error policy applies to each message."""
+        return bool(self.predicate or self.retry_on or self.reject_on or self.on_error)
 
     def _check(self, timeout: float) -> None:
         for name in ('max_attempts', 'concurrency'):
@@ -54,6 +78,16 @@ class ConsumerOptions:
                     f'visibility_timeout ({self.visibility_timeout}) must exceed '
                     f'the handler timeout ({timeout})'
                 )
+        for name in ('predicate', 'on_error'):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ConfigurationError(f'consumer option {name}={value!r}: expected a callable')
+            if inspect.iscoroutinefunction(value):  # its coroutine would be truthy, never awaited
+                raise ConfigurationError(f'consumer option {name}={value!r}: expected a plain '
+                                         f'function, not async def')
+        if self.unknown not in ('dead_letter', 'ignore'):
+            raise ConfigurationError(f"consumer option unknown={self.unknown!r}: expected 'dead_letter' "
+                                     f"or 'ignore'")
 
     def visibility(self, timeout: float) -> float:
         """The visibility timeout in seconds for a handler with this ``timeout``."""
@@ -71,3 +105,11 @@ def _require(name: str, value: Any, kind: type | tuple[type, ...], minimum: floa
     valid = not isinstance(value, bool) and isinstance(value, kind)
     if not valid or value < minimum:
         raise ConfigurationError(f'consumer option {name}={value!r}: expected a number >= {minimum}')
+
+
+def _exception_types(name: str, value: Any) -> tuple[type[BaseException], ...]:
+    types = value if isinstance(value, tuple | list) else (value,)
+    for kind in types:
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            raise ConfigurationError(f'consumer option {name}: {kind!r} is not an exception class')
+    return tuple(types)

@@ -486,7 +486,6 @@ async def test_override_broker_routes_sends_of_the_code_under_test() -> None:
     assert [p.data for p in broker.published_to(queue.name)] == [{'email': 'john@example.com'}]
 
 
-@pytest.mark.xfail(strict=False, reason='lands with wip-typed: MicroAgent(broker=None) uses the default')
 async def test_agent_without_broker_runs_on_the_overriding_test_broker() -> None:
     queue, calls = Queue(unique()), Calls()
     set_default_broker(None)

@@ -30,8 +30,6 @@ async def test_null_broker_records_published_messages_as_sent() -> None:
     assert record.headers is not None
 
 
-@pytest.mark.xfail(strict=False, reason='needs NullBroker.publish/publish_many wrapped in '
-                   '_publishing() when merged with wip-typed')
 
 async def test_null_broker_records_published_messages() -> None:
     exchange, queue = unique('ex'), unique()

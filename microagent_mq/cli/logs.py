@@ -34,12 +34,15 @@ class JSONFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, log_format: str) -> None:
-    """Configure the root logger once, for a command-line process."""
+    """Configure the root logger for a command-line process; like ``logging.basicConfig``,
+    leave one that is configured already (``main()`` called in-process, under pytest) alone."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     if log_format == 'json':
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.addHandler(handler)
     root.setLevel(level)

@@ -59,10 +59,12 @@ def load_agent(path: str) -> type[MicroAgent]:
 
 def restrict(agent: MicroAgent, only: set[str]) -> None:
     """Make ``agent`` consume only the queues in ``only`` (seed 003's ``--handlers``)."""
-    specs = type(agent)._consumer_specs
-    # An instance attribute shadows the class's: other instances keep every consumer.
+    cls = type(agent)
+    # Instance attributes shadow the class's: other instances keep every consumer.
     agent._consumer_specs = {  # type: ignore[misc]
-        attr: spec for attr, spec in specs.items() if spec.queue.name in only}
+        attr: spec for attr, spec in cls._consumer_specs.items() if spec.name in only}
+    agent._queue_groups = {  # type: ignore[misc]
+        name: group for name, group in cls._queue_groups.items() if name in only}
 
 
 async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[MicroAgent]],
@@ -78,7 +80,7 @@ async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[Micro
         stop.set()
     agents = [cls(broker=broker) for cls in agent_classes]
     if only is not None:
-        consumed = {spec.queue.name for a in agents for spec in a._consumer_specs.values()}
+        consumed = {spec.name for a in agents for spec in a._consumer_specs.values()}
         if unknown := sorted(only - consumed):
             raise CLIError(f'--only {",".join(unknown)}: no agent given consumes '
                            f'{"that queue" if len(unknown) == 1 else "those queues"}')

@@ -2,7 +2,7 @@
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -62,6 +62,19 @@ class NullBroker(AbstractQueueBroker):
     def clear(self) -> None:
         """Forget what was published."""
         self.published.clear()
+
+    async def publish(self, message: Any, delay: float | None = None,
+                      headers: dict[str, Any] | None = None) -> None:
+        """As on every broker; the record keeps ``message`` itself."""
+        with self._publishing([message]):
+            await super().publish(message, delay, headers)
+
+    async def publish_many(self, messages: Iterable[Any], delay: float | None = None,
+                           headers: dict[str, Any] | None = None) -> None:
+        """As on every broker; each record keeps its message."""
+        messages = list(messages)
+        with self._publishing(messages):
+            await super().publish_many(messages, delay, headers)
 
     @contextmanager
     def _publishing(self, messages: Sequence[Any]) -> Iterator[None]:
