@@ -8,10 +8,10 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from microagent_mq import MicroAgent, Queue, consumer
+from microagent_mq import ConfigurationError, MicroAgent, Queue, consumer
 from microagent_mq.tools.amqp import AMQPBroker
 from microagent_mq.tools.amqp_codec import headers_of, sent_at_of
-from microagent_mq.tools.amqp_delay import LEVELS, ladder_queue_names, level_name
+from microagent_mq.tools.amqp_delay import LEVELS, MAX_DELAY_S, ladder_queue_names, level_name
 from microagent_mq.transport import Outgoing
 
 from .conftest import AMQP_DSN, Calls, unique, wait_until
@@ -105,6 +105,16 @@ async def test_delay_ladder_queues_are_durable_fixed_and_never_expire(
         with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
             await channel.declare_queue(level_name(LEVELS - 1), **differing)  # type: ignore[arg-type]
     assert await broker.queue_length(queue.name) == 0
+
+
+@pytest.mark.parametrize('delay', [float('inf'), MAX_DELAY_S + 0.001])
+async def test_a_delay_beyond_the_ladder_is_refused_and_nothing_is_sent(
+        broker: AMQPBroker, delay: float) -> None:
+    queue = Queue(unique())
+    with pytest.raises(ConfigurationError, match='invalid delay'):
+        await broker.send_many(queue.name, [{'n': 1}, {'n': 2}], delay=delay)
+    await broker.send(queue.name, {'n': 3})
+    assert await broker.queue_length(queue.name) == 1
 
 
 async def test_a_long_delay_does_not_hold_up_a_short_one(broker: AMQPBroker) -> None:
