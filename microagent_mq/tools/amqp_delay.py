@@ -21,6 +21,8 @@ dead-letter hop inside RabbitMQ (well under a millisecond each), the only latene
 Longest delay: ``MAX_DELAY_S`` (2**32 - 1 ms, about 49.7 days). The earlier design's queues
 (``<queue>.delay.<ms>``, one per delay value) are no longer declared: each one still delivers
 what it holds into its queue, then deletes itself by its own ``x-expires`` a minute later.
+Risk kept from before: RabbitMQ dead-letters between classic queues at most once, so a crash of
+RabbitMQ at the instant of a hop can lose that delayed message (a clean restart loses nothing).
 """
 
 import math
