@@ -211,6 +211,33 @@ async def test_a_queue_that_left_its_exchange_loses_its_bindings() -> None:
         await _delete([name, other, f'{name}.bindings', f'{other}.bindings'], [exchange])
 
 
+async def test_bindings_to_an_exchange_deleted_meanwhile_are_skipped() -> None:
+    old_exchange, new_exchange, name = unique('ex'), unique('ex'), unique()
+    Queue(name, old_exchange, ('a.*',))
+    first = AMQPBroker(AMQP_DSN)
+    try:
+        await first.send(old_exchange, {'n': 1}, topic='a.b')
+    finally:
+        await first.close()
+    await _delete([], [old_exchange])  # its bindings went with it; the record still has them
+    Queue.reset()
+    Queue(name, new_exchange, ('b.*',))
+    second = AMQPBroker(AMQP_DSN)
+    try:
+        await second.send(new_exchange, {'n': 2}, topic='b.c')
+        await second.send(name, {'n': 3})
+        assert await second.queue_length(name) == 3
+    finally:
+        await second.close()
+    third = AMQPBroker(AMQP_DSN)  # the record now holds only the new binding: nothing to undo
+    try:
+        await third.send(new_exchange, {'n': 4}, topic='b.d')
+        assert await third.queue_length(name) == 4
+    finally:
+        await third.close()
+        await _delete([name, f'{name}.bindings'], [new_exchange])
+
+
 async def _delete(queues: list[str], exchanges: list[str]) -> None:
     connection = await aio_pika.connect(AMQP_DSN)
     async with connection:

@@ -66,7 +66,9 @@ async def _unbind(connection: AbstractRobustConnection, queue: str, pairs: set[P
                 amqp_queue = await channel.get_queue(queue, ensure=False)
                 await amqp_queue.unbind(exchange, pattern)
             except ChannelNotFoundEntity:
-                pass  # the exchange (or the queue) is gone, and its bindings with it
+                # The exchange (or queue) is gone, and its bindings with it. RabbitMQ 3.10
+                # answers such an unbind with ok; the AMQP spec lets a server close the channel.
+                pass
     finally:
         if channel is not None and not channel.is_closed:
             await channel.close()
