@@ -9,9 +9,8 @@ is needed, and the number of queues is fixed. Metadata travels in headers (``amq
 """
 
 import asyncio
-import math
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
-from ..exceptions import BrokerUnavailable, ConfigurationError
+from ..exceptions import BrokerUnavailable
 from ..queue import Queue
 from ..transport import DeadLetter, Outgoing, Subscription
 from .amqp_bindings import sync_bindings
@@ -46,16 +45,9 @@ from .amqp_delay import (
     routing_key,
 )
 from .amqp_errors import ERRORS, is_transient
+from .amqp_publish import Copy, check_delay, copies_of, exchange_of, send
 
 __all__ = ['ERRORS', 'AMQPBroker']
-
-
-@dataclass(slots=True)
-class _Copy:
-    """One ``basic.publish`` of a batch: a message, or its delayed copy for one of its queues."""
-
-    message: Outgoing
-    delayed_to: str = ''  # the destination queue of a delayed copy
 
 
 @dataclass(repr=False, eq=False)
@@ -189,8 +181,8 @@ class AMQPBroker(AbstractQueueBroker):
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
         for message in batch:
-            _check_delay(message.delay)
-        pending = [_Copy(m, q) for m in batch for q in (m.queues if m.delay > 0 else ('',))]
+            check_delay(message.delay)
+        pending = [copy for message in batch for copy in copies_of(message)]
         deadline = time.monotonic() + self.send_timeout
         failures = 0
         while True:
@@ -215,7 +207,7 @@ class AMQPBroker(AbstractQueueBroker):
             await asyncio.sleep(min(0.05 * 2 ** failures, 1.0, left))
 
     async def _publish_on(self, channel: AbstractChannel,
-                          copies: list[_Copy]) -> tuple[list[_Copy], BaseException | None]:
+                          copies: list[Copy]) -> tuple[list[Copy], BaseException | None]:
         """Publish every copy; return those that failed (to send again) and the first error.
 
         Only what failed is sent again, so a batch with one failure does not store the rest twice.
@@ -225,14 +217,14 @@ class AMQPBroker(AbstractQueueBroker):
             await self._declare_target(channel, copy.message)
             if copy.delayed_to:
                 await self._delay_target(channel, copy.delayed_to)
-            name = _exchange_of(copy)
+            name = exchange_of(copy)
             if name and name not in exchanges:
                 exchanges[name] = await self._exchange_for(channel, name)
         if len(copies) == 1:
-            await _send(channel, exchanges, copies[0])
+            await send(channel, exchanges, copies[0])
             return [], None
         # every confirm awaited together: one wait for the batch
-        results = await asyncio.gather(*(_send(channel, exchanges, c) for c in copies),
+        results = await asyncio.gather(*(send(channel, exchanges, c) for c in copies),
                                        return_exceptions=True)
         failed, error = [], None
         for copy, result in zip(copies, results, strict=True):
@@ -326,37 +318,6 @@ class AMQPBroker(AbstractQueueBroker):
                 await message.ack()
                 moved += 1
         return moved
-
-
-def _check_delay(delay: float) -> None:
-    if not math.isfinite(delay) or delay > MAX_DELAY_S:
-        raise ConfigurationError(
-            f'invalid delay {delay!r}: RabbitMQ delays up to {MAX_DELAY_S:.0f} s (49.7 days)')
-
-
-def _exchange_of(copy: _Copy) -> str:
-    """The exchange a copy is published to: the ladder's entry, the message's, or none."""
-    if copy.delayed_to:
-        return entry_exchange(delay_ms(copy.message.delay))
-    return copy.message.exchange
-
-
-def _send(channel: AbstractChannel, exchanges: dict[str, AbstractExchange],
-          copy: _Copy) -> Awaitable[Any]:
-    message = copy.message
-    if copy.delayed_to:
-        ms = delay_ms(message.delay)
-        return exchanges[entry_exchange(ms)].publish(
-            _message(message, {DESTINATION_HEADER: copy.delayed_to}), routing_key(ms))
-    if message.exchange:
-        return exchanges[message.exchange].publish(_message(message), message.topic,
-                                                   mandatory=False)
-    return channel.default_exchange.publish(_message(message), message.queues[0])
-
-
-def _message(message: Outgoing, extra: dict[str, Any] | None = None) -> aio_pika.Message:
-    return outgoing_message(message.body, message.message_id, 1, headers=message.headers,
-                            sent_at=message.sent_at, extra=extra)
 
 
 def _dead_letter(queue: str, message: AbstractIncomingMessage) -> DeadLetter:
