@@ -8,9 +8,9 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from microagent_mq import ConfigurationError, MicroAgent, Queue, consumer
+from microagent_mq import ConfigurationError, MicroAgent, Queue, Retry, consumer
 from microagent_mq.tools.amqp import AMQPBroker
-from microagent_mq.tools.amqp_codec import headers_of, sent_at_of
+from microagent_mq.tools.amqp_codec import attempt_of, headers_of, sent_at_of
 from microagent_mq.tools.amqp_delay import LEVELS, MAX_DELAY_S, ladder_queue_names, level_name
 from microagent_mq.transport import Outgoing
 
@@ -163,6 +163,52 @@ async def test_delayed_and_exchange_sends_carry_headers_and_sent_at(
                 assert headers_of(message) == headers
                 assert sent_at_of(message) == pytest.approx(sent_at, abs=0.001)
                 assert message.message_id in {'m1', 'm2', 'm3'}
+
+
+async def test_retries_wait_on_the_ladder_too(
+        broker: AMQPBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue, calls = Queue(unique()), Calls()
+    declared: set[str] = set()
+    declare_queue = aio_pika.RobustChannel.declare_queue
+
+    async def spy(self: aio_pika.RobustChannel, name: str | None = None, **kwargs: Any) -> Any:
+        declared.add(str(name))
+        return await declare_queue(self, name, **kwargs)
+
+    monkeypatch.setattr(aio_pika.RobustChannel, 'declare_queue', spy)
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n, 'at': time.monotonic()})
+            if len(calls) == 1:
+                raise Retry(delay=0.3)
+
+    await Agent(broker=broker).start()
+    await broker.send(queue.name, {'n': 1})
+    first, second = await calls.wait_for(2)
+    assert second['at'] - first['at'] >= 0.3
+    own = {queue.name, f'{queue.name}.dlq', f'{queue.name}.bindings'}
+    assert declared - own <= set(ladder_queue_names())
+
+
+async def test_republish_keeps_the_senders_metadata_and_adds_transport_headers(
+        broker: AMQPBroker, raw: AbstractRobustConnection) -> None:
+    queue = Queue(unique())
+    await broker.send(queue.name, {'n': 0})
+    async with raw.channel() as channel:
+        amqp_queue = await channel.get_queue(queue.name)
+        await amqp_queue.get()  # the declaring send, out of the way
+        for delay in (0.0, 0.1):
+            await broker.republish(queue.name, b'{"n": 1}', 'm1', 3, delay, {'x-error': 'boom'},
+                                   user_headers={'trace': 't1'}, sent_at=1_800_000_000.5)
+            await wait_until(lambda: length_is(broker, queue.name, 1), what='the republished copy')
+            message = await amqp_queue.get()
+            assert (message.body, message.message_id) == (b'{"n": 1}', 'm1')
+            assert headers_of(message) == {'trace': 't1'}
+            assert sent_at_of(message) == 1_800_000_000.5
+            assert attempt_of(message) == 3
+            assert message.headers['x-error'] == 'boom'
 
 
 # issue 8, item 10: stale bindings ------------------------------------------------------------
