@@ -123,7 +123,7 @@ async def delete_amqp_queues(queues: list[str], exchanges: list[str]) -> None:
     async with connection:
         channel = await connection.channel()
         for name in queues:
-            for suffix in ('', '.dlq'):
+            for suffix in ('', '.dlq', '.bindings'):
                 await channel.queue_delete(name + suffix)
         for name in exchanges:
             await channel.exchange_delete(name)

@@ -1,10 +1,11 @@
 """``AMQPBroker``: RabbitMQ through aio-pika, with publisher confirms, retries and dead letters.
 
 For queue ``q``: a durable queue ``q`` (bound to its exchange, a durable topic exchange,
-with each of its topic patterns, or ``#``); dead letters in ``q.dlq``; delayed messages
-(retries and ``send(delay=)``) wait in ``q.delay.<ms>``, one queue per delay, whose
-messages expire back into ``q``: a long delay never holds up a short one, and no plugin
-is needed. Metadata travels in headers: ``x-attempt``, ``x-error``, ``x-failed-at``.
+with each of its topic patterns, or ``#``); dead letters in ``q.dlq``; the record of the
+bindings we made in ``q.bindings`` (see ``amqp_bindings``: a changed declaration unbinds what
+it dropped). Delayed messages (retries and ``send(delay=)``) wait on one ladder of TTL queues
+shared by every queue (see ``amqp_delay``): a long delay never holds up a short one, no plugin
+is needed, and the number of queues is fixed. Metadata travels in headers (``amqp_codec``).
 """
 
 import asyncio
@@ -22,7 +23,6 @@ try:
         AbstractQueue,
         AbstractRobustConnection,
     )
-    from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("AMQPBroker needs aio-pika: pip install 'microagent-mq[amqp]'") from exc
 
@@ -32,13 +32,22 @@ from ..dsn import mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..queue import Queue
 from ..transport import DeadLetter, Outgoing, Subscription
-from .amqp_codec import attempt_of, outgoing_message
+from .amqp_bindings import sync_bindings
+from .amqp_codec import attempt_of, failed_at_of, headers_of, outgoing_message, sent_at_of
 from .amqp_consumer import AMQPSubscription
+from .amqp_delay import (
+    DESTINATION_HEADER,
+    MAX_DELAY_S,
+    bind_destination,
+    declare_ladder,
+    delay_ms,
+    entry_exchange,
+    routing_key,
+)
+from .amqp_errors import ERRORS, is_transient
+from .amqp_publish import Copy, check_delay, copies_of, exchange_of, send
 
-DELAY_QUEUE_SPARE_MS = 60_000  # a delay queue outlives its last message by this much
-ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError, asyncio.TimeoutError)
-# aio-pika says 'the connection is closed, reconnecting' with a bare RuntimeError.
-SEND_ERRORS = (*ERRORS, RuntimeError)
+__all__ = ['ERRORS', 'AMQPBroker']
 
 
 @dataclass(repr=False, eq=False)
@@ -46,8 +55,8 @@ class AMQPBroker(AbstractQueueBroker):
     """``AMQPBroker('amqp://user:password@host:5672/vhost')``; also ``amqps://``.
 
     ``connect_timeout``: seconds for one connection attempt.
-    ``send_timeout``: seconds a send keeps retrying while RabbitMQ is unreachable
-    before it raises ``BrokerUnavailable``.
+    ``send_timeout``: seconds a send keeps retrying while RabbitMQ is unreachable (the first
+    connection included) before it raises ``BrokerUnavailable``.
     ``reconnect_interval``: seconds between attempts to restore a lost connection.
     """
 
@@ -61,8 +70,12 @@ class AMQPBroker(AbstractQueueBroker):
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._connecting = asyncio.Lock()
+        self._opening = asyncio.Lock()  # one publish channel, however many first sends at once
+        self._declaring = asyncio.Lock()
         self._declared: set[str] = set()
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._ladder = False
+        self._delay_targets: set[str] = set()  # queues bound to the ladder's deliver exchange
 
     # connection -------------------------------------------------------------------------
 
@@ -76,10 +89,12 @@ class AMQPBroker(AbstractQueueBroker):
                         reconnect_interval=self.reconnect_interval,
                         client_properties={'connection_name': f'microagent_mq {self.uid}'})
                 except ERRORS as exc:
+                    self.log.warning('Connecting to RabbitMQ at %s failed: %r',
+                                     mask_dsn(self.dsn), exc)
                     raise BrokerUnavailable(
                         f'RabbitMQ at {mask_dsn(self.dsn)} is unreachable: {exc!r}') from exc
                 self._channel = None
-                self._declared.clear()
+                self._forget()
             return self._connection
 
     async def publish_channel(self) -> AbstractChannel:
@@ -88,114 +103,164 @@ class AMQPBroker(AbstractQueueBroker):
         if channel is not None and not channel.is_closed:
             return channel
         connection = await self.connection()
-        if self._channel is None or self._channel.is_closed:
-            # A message RabbitMQ cannot route to a queue (one deleted behind our back) comes
-            # back as an error, so the send declares again and retries instead of losing it.
-            self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._exchanges.clear()
-        return self._channel
+        async with self._opening:
+            if self._channel is None or self._channel.is_closed:
+                # A message RabbitMQ cannot route to a queue (one deleted behind our back) comes
+                # back as an error, so the send declares again and retries instead of losing it.
+                self._channel = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True)
+                self._forget()
+            return self._channel
+
+    def _forget(self) -> None:
+        """Declare again on the next send: after a failure, or on a new channel."""
+        self._declared.clear()
+        self._exchanges.clear()
+        self._ladder = False
+        self._delay_targets.clear()
 
     async def _disconnect(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        self._declared.clear()
-        self._exchanges.clear()
+        self._forget()
         if connection is not None:
             await connection.close()
 
     # declarations -----------------------------------------------------------------------
 
     async def declare(self, channel: AbstractChannel, queue: Queue) -> AbstractQueue:
-        """Declare a durable queue and bind it to its exchange, as declared."""
+        """Declare a durable queue, bind it to its exchange as declared, unbind what was dropped."""
         declared = await channel.declare_queue(queue.name, durable=True)
+        wanted: list[tuple[str, str]] = []
         if queue.exchange:
             exchange = await self._exchange(channel, queue.exchange)
             for pattern in queue.topics or ('#',):
                 await declared.bind(exchange, routing_key=pattern)
+                wanted.append((queue.exchange, pattern))
+        await sync_bindings(await self.connection(), queue.name, wanted)
         return declared
 
     async def _exchange(self, channel: AbstractChannel, name: str) -> AbstractExchange:
         return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+    async def _exchange_for(self, channel: AbstractChannel, name: str) -> AbstractExchange:
+        """A declared exchange (ours or the ladder's: both durable topic exchanges)."""
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = self._exchanges[name] = await self._exchange(channel, name)
+        return exchange
 
     async def _declare_target(self, channel: AbstractChannel, message: Outgoing) -> None:
         # Declared on first use, so a message sent before any consumer started is kept.
         name = message.exchange or message.queues[0]
         if name in self._declared:
             return
-        if message.exchange:
-            await self._exchange(channel, name)
-            for queue in Queue.exchanges().get(name, ()):
-                await self.declare(channel, queue)
-        else:
-            await self.declare(channel, Queue.get(name))
-        self._declared.add(name)
+        async with self._declaring:
+            if name in self._declared:
+                return
+            if message.exchange:
+                self._exchanges[name] = await self._exchange(channel, name)
+                for queue in Queue.exchanges().get(name, ()):
+                    await self.declare(channel, queue)
+            else:
+                await self.declare(channel, Queue.get(name))
+            self._declared.add(name)
 
-    async def delay_queue(self, channel: AbstractChannel, queue: str, delay: float) -> str:
-        """Declare (and so keep alive) the queue where messages for ``queue`` wait ``delay`` s."""
-        ttl_ms = max(1, round(delay * 1000))
-        name = f'{queue}.delay.{ttl_ms}'
-        await channel.declare_queue(name, durable=True, arguments={
-            'x-message-ttl': ttl_ms,
-            'x-dead-letter-exchange': '',
-            'x-dead-letter-routing-key': queue,
-            'x-expires': ttl_ms + DELAY_QUEUE_SPARE_MS,
-        })
-        return name
+    async def _delay_target(self, channel: AbstractChannel, queue: str) -> None:
+        """Make the delay ladder ready to deliver into ``queue`` (a declared queue)."""
+        if queue in self._delay_targets:
+            return
+        async with self._declaring:
+            if not self._ladder:
+                self._exchanges.update(await declare_ladder(channel))
+                self._ladder = True
+            if queue not in self._delay_targets:
+                await bind_destination(await channel.get_queue(queue, ensure=False))
+                self._delay_targets.add(queue)
 
     # sending ----------------------------------------------------------------------------
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        for message in batch:
+            check_delay(message.delay)
+        pending = [copy for message in batch for copy in copies_of(message)]
         deadline = time.monotonic() + self.send_timeout
         failures = 0
         while True:
             try:
                 channel = await self.publish_channel()
-                await self._publish_on(channel, batch)
-                return
-            except BrokerUnavailable:
-                raise
-            except SEND_ERRORS as exc:
-                failures += 1
-                self._declared.clear()
-                self._exchanges.clear()
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(
-                        f'RabbitMQ at {mask_dsn(self.dsn)} did not take the message within '
-                        f'{self.send_timeout}s: {exc!r}') from exc
-                self.log.warning('Publishing failed (%r); retry %d', exc, failures)
-                await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
+                pending, error = await self._publish_on(channel, pending)
+                if not pending:
+                    return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                error = exc
+            failures += 1
+            self._forget()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerUnavailable(
+                    f'RabbitMQ at {mask_dsn(self.dsn)} did not take the message within '
+                    f'{self.send_timeout}s: {error!r}') from error
+            self.log.warning('Publishing %d message(s) failed (%r); retry %d',
+                             len(pending), error, failures)
+            await asyncio.sleep(min(0.05 * 2 ** failures, 1.0, left))
 
-    async def _publish_on(self, channel: AbstractChannel, batch: Sequence[Outgoing]) -> None:
-        publishes = []
-        for message in batch:
-            if message.delay > 0:
-                for queue in message.queues:
-                    target = await self.delay_queue(channel, queue, message.delay)
-                    publishes.append(channel.default_exchange.publish(
-                        _message(message), target))
-                continue
-            await self._declare_target(channel, message)
-            if message.exchange:
-                exchange = self._exchanges.get(message.exchange)
-                if exchange is None:
-                    exchange = await self._exchange(channel, message.exchange)
-                    self._exchanges[message.exchange] = exchange
-                publishes.append(exchange.publish(
-                    _message(message), message.topic, mandatory=False))
-            else:
-                publishes.append(channel.default_exchange.publish(
-                    _message(message), message.queues[0]))
-        if len(publishes) == 1:
-            await publishes[0]
-        else:  # every confirm awaited together: one wait for the batch
-            await asyncio.gather(*publishes)
+    async def _publish_on(self, channel: AbstractChannel,
+                          copies: list[Copy]) -> tuple[list[Copy], BaseException | None]:
+        """Publish every copy; return those that failed (to send again) and the first error.
+
+        Only what failed is sent again, so a batch with one failure does not store the rest twice.
+        """
+        exchanges: dict[str, AbstractExchange] = {}
+        for copy in copies:  # every declaration first: a failure here has published nothing
+            await self._declare_target(channel, copy.message)
+            if copy.delayed_to:
+                await self._delay_target(channel, copy.delayed_to)
+            name = exchange_of(copy)
+            if name and name not in exchanges:
+                exchanges[name] = await self._exchange_for(channel, name)
+        if len(copies) == 1:
+            await send(channel, exchanges, copies[0])
+            return [], None
+        # every confirm awaited together: one wait for the batch
+        results = await asyncio.gather(*(send(channel, exchanges, c) for c in copies),
+                                       return_exceptions=True)
+        failed, error = [], None
+        for copy, result in zip(copies, results, strict=True):
+            if isinstance(result, BaseException):
+                if not is_transient(result):
+                    raise result
+                failed.append(copy)
+                error = error or result
+        return failed, error
 
     async def republish(self, queue: str, body: bytes, message_id: str, attempt: int,
-                        delay: float = 0.0, headers: dict[str, Any] | None = None) -> None:
-        """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed."""
+                        delay: float = 0.0, headers: dict[str, Any] | None = None, *,
+                        user_headers: dict[str, Any] | None = None,
+                        sent_at: float = 0.0) -> None:
+        """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed.
+
+        ``headers``: transport headers (``x-error``...); ``user_headers`` and ``sent_at``: the
+        sender's metadata (``Delivery.headers`` / ``Delivery.sent_at``), kept as they were.
+        A ``delay`` beyond the ladder's longest (``MAX_DELAY_S``) is cut to it.
+        """
         channel = await self.publish_channel()
-        target = await self.delay_queue(channel, queue, delay) if delay > 0 else queue
-        await channel.default_exchange.publish(
-            outgoing_message(body, message_id, attempt, extra=headers), target)
+        try:
+            if delay <= 0:
+                await channel.default_exchange.publish(outgoing_message(
+                    body, message_id, attempt, headers=user_headers, sent_at=sent_at,
+                    extra=headers), queue)
+                return
+            ms = delay_ms(min(delay, MAX_DELAY_S))
+            await self._delay_target(channel, queue)
+            entry = await self._exchange_for(channel, entry_exchange(ms))
+            await entry.publish(outgoing_message(
+                body, message_id, attempt, headers=user_headers, sent_at=sent_at,
+                extra={**(headers or {}), DESTINATION_HEADER: queue}), routing_key(ms))
+        except BaseException:
+            self._forget()  # the next try declares again
+            raise
 
     # consuming --------------------------------------------------------------------------
 
@@ -240,21 +305,22 @@ class AMQPBroker(AbstractQueueBroker):
         moved = 0
         async with connection.channel(publisher_confirms=False) as channel:
             dlq = await channel.declare_queue(f'{name}.dlq', durable=True)
+            # A snapshot: the letters there now. A consumer that rejects them again while we
+            # move them sends them back here, and moving those too would never end.
+            present = int(dlq.declaration_result.message_count or 0)
             await self.declare(await self.publish_channel(), Queue.get(name))
-            while (message := await dlq.get(no_ack=False, fail=False)) is not None:
-                await self.republish(name, message.body, message.message_id or '', 1)
+            while moved < present:
+                message = await dlq.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                await self.republish(name, message.body, message.message_id or '', 1,
+                                     user_headers=headers_of(message), sent_at=sent_at_of(message))
                 await message.ack()
                 moved += 1
         return moved
 
 
-def _message(message: Outgoing) -> aio_pika.Message:
-    return outgoing_message(message.body, message.message_id, 1, headers=message.headers,
-                            sent_at=message.sent_at)
-
-
 def _dead_letter(queue: str, message: AbstractIncomingMessage) -> DeadLetter:
-    headers = message.headers
-    failed_at = headers.get('x-failed-at', 0)
-    return DeadLetter(queue, message.message_id or '', message.body, str(headers.get('x-error', '')),
-                      attempt_of(message), float(failed_at) if isinstance(failed_at, int | float) else 0.0)
+    return DeadLetter(queue, message.message_id or '', message.body,
+                      str(message.headers.get('x-error', '')), attempt_of(message),
+                      failed_at_of(message))

@@ -5,6 +5,9 @@ delivery. Headers: ``x-attempt`` (int), ``x-sent-at`` (int, epoch milliseconds: 
 would store a Python float as 32 bits), ``x-headers`` (the sender's metadata as one JSON
 string, so every JSON value comes back exactly as sent). A message from a foreign producer
 may have none of these: it is attempt 1 with no metadata, and its id falls back to ''.
+Dead letters add ``x-error`` and ``x-failed-at``: int epoch milliseconds on the wire (a float
+given in ``extra`` is taken as seconds and converted); read back in both forms, because
+letters written before this rule hold a float of seconds (stored by AMQP as 32 bits).
 """
 
 from typing import Any
@@ -20,13 +23,31 @@ def outgoing_message(body: bytes, message_id: str, attempt: int, *,
     """A persistent message; ``extra``: transport headers such as ``x-error``."""
     table: dict[str, Any] = {'x-attempt': attempt}
     if sent_at > 0:
-        table['x-sent-at'] = int(sent_at * 1000)
+        table['x-sent-at'] = epoch_ms(sent_at)
     if headers:
         table['x-headers'] = orjson.dumps(headers).decode()
     if extra:
         table.update(extra)
+        failed_at = table.get('x-failed-at')
+        if isinstance(failed_at, float):
+            table['x-failed-at'] = epoch_ms(failed_at)
     return aio_pika.Message(body, message_id=message_id, content_type='application/json',
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=table)
+
+
+def epoch_ms(seconds: float) -> int:
+    """Epoch seconds as int milliseconds: how times travel (a float would be cut to 32 bits)."""
+    return int(seconds * 1000)
+
+
+def failed_at_of(message: AbstractIncomingMessage) -> float:
+    """Epoch seconds a dead letter failed at: int ms, or an older letter's float seconds."""
+    value = message.headers.get('x-failed-at')
+    if isinstance(value, bool):
+        return 0.0
+    if isinstance(value, int):
+        return value / 1000
+    return float(value) if isinstance(value, float) else 0.0
 
 
 def attempt_of(message: AbstractIncomingMessage) -> int:
