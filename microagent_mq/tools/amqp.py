@@ -190,12 +190,14 @@ class AMQPBroker(AbstractQueueBroker):
             await asyncio.gather(*publishes)
 
     async def republish(self, queue: str, body: bytes, message_id: str, attempt: int,
-                        delay: float = 0.0, headers: dict[str, Any] | None = None) -> None:
+                        delay: float = 0.0, headers: dict[str, Any] | None = None, *,
+                        user_headers: dict[str, Any] | None = None, sent_at: float = 0.0) -> None:
         """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed."""
         channel = await self.publish_channel()
         target = await self.delay_queue(channel, queue, delay) if delay > 0 else queue
         await channel.default_exchange.publish(
-            outgoing_message(body, message_id, attempt, extra=headers), target)
+            outgoing_message(body, message_id, attempt, headers=user_headers, sent_at=sent_at,
+                             extra=headers), target)
 
     # consuming --------------------------------------------------------------------------
 
@@ -206,7 +208,8 @@ class AMQPBroker(AbstractQueueBroker):
         await channel.set_qos(prefetch_count=capacity)
         queue = await self.declare(channel, consumer.queue)
         await channel.declare_queue(f'{consumer.queue.name}.dlq', durable=True)
-        subscription = AMQPSubscription(self, consumer.queue.name, channel)
+        subscription = AMQPSubscription(self, consumer.queue.name, channel,
+                                        hand_out=consumer.config.concurrency)
         await subscription.start(queue)
         return subscription
 

@@ -1,0 +1,250 @@
+"""RabbitMQ consumer side: graceful stops, failed settles, stale buffers, foreign messages."""
+
+import asyncio
+import hashlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+import pytest
+
+from microagent_mq import MicroAgent, Queue, Reject, consumer
+from microagent_mq.broker import AbstractQueueBroker
+from microagent_mq.consumer import Consumer
+from microagent_mq.tools.amqp import AMQPBroker
+from microagent_mq.tools.amqp_codec import outgoing_message
+from microagent_mq.tools.amqp_consumer import AMQPSubscription
+from microagent_mq.transport import Delivery
+
+from .conftest import AMQP_DSN, Calls, unique, wait_until
+
+pytestmark = pytest.mark.amqp
+
+
+@pytest.fixture
+def broker_kind() -> str:
+    """conftest's ``broker`` fixtures, on RabbitMQ only: closed and cleaned up after."""
+    return 'amqp'
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A plain aio-pika channel of the test's own: a foreign producer, or a peek at queues."""
+    connection = await aio_pika.connect(AMQP_DSN)
+    async with connection:
+        yield await connection.channel()
+
+
+async def drain(channel: aio_pika.abc.AbstractChannel, name: str) -> list[Any]:
+    """Every message of queue ``name``, in order, acked (taken out)."""
+    queue = await channel.declare_queue(name, durable=True)
+    taken = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        taken.append(message)
+    return taken
+
+
+async def length_is(broker: AbstractQueueBroker, name: str, length: int) -> bool:
+    return await broker.queue_length(name) == length
+
+
+def agent_consuming(queue: Queue, handler: Callable[..., Any], **options: Any) -> type[MicroAgent]:
+    class Agent(MicroAgent):
+        @consumer(queue, **options)
+        async def handle(self, **kwargs: Any) -> None:
+            await handler(**kwargs)
+
+    return Agent
+
+
+async def subscribe(broker: AMQPBroker, queue: Queue, **options: Any) -> AMQPSubscription:
+    async def handler(**kwargs: Any) -> None:
+        return None
+
+    agent = agent_consuming(queue, handler, **options)(broker=broker)
+    subscription = await broker._subscribe(Consumer(agent, handler, queue, 60, options))
+    assert isinstance(subscription, AMQPSubscription)
+    return subscription
+
+
+# item 2: a graceful stop costs nothing ----------------------------------------------------
+
+
+async def test_graceful_stop_mid_way_dead_letters_nothing(
+        broker_factory: Callable[[], AbstractQueueBroker]) -> None:
+    queue, calls = Queue(unique()), Calls()
+    half = asyncio.Event()
+
+    async def handle(n: int) -> None:
+        calls.add({'n': n})
+        if len(calls) == 20:
+            half.set()
+        await asyncio.sleep(0.005)  # slow-ish, so the stop finds a full buffer
+
+    Agent = agent_consuming(queue, handle, max_attempts=1, concurrency=2, prefetch=16)
+    sending, first_broker, second_broker = broker_factory(), broker_factory(), broker_factory()
+    await sending.send_many(queue.name, [{'n': n} for n in range(60)])
+    first = Agent(broker=first_broker)
+    await first.start()
+    await half.wait()
+    await first.stop(grace=10)
+    assert len(calls) < 60, 'the stop came too late to test anything'
+    second = Agent(broker=second_broker)
+    await second.start()
+    await calls.wait_for(60)
+    await wait_until(lambda: length_is(sending, queue.name, 0), what='an empty queue')
+    await second.stop(grace=10)
+    assert await sending.dead_letters(queue.name) == []
+    assert Counter(c['n'] for c in calls.items) == Counter(range(60))
+
+
+async def test_stop_fetching_then_release_then_close_gives_everything_back_in_order(
+        broker: AMQPBroker, raw: aio_pika.abc.AbstractChannel) -> None:
+    queue = Queue(unique())
+    await broker.send_many(queue.name, [{'n': n} for n in range(20)])
+    subscription = await subscribe(broker, queue, concurrency=4, prefetch=16)
+    await wait_until(lambda: length_is(broker, queue.name, 0), what='every message pushed')
+    fetched = await subscription.fetch(20)
+    assert [orjson.loads(d.body)['n'] for d in fetched] == [0, 1, 2, 3]
+    await subscription.stop_fetching()
+    assert await subscription.fetch(20) == []  # nothing new enters the engine's buffer
+    await subscription.release(fetched)
+    await subscription.close()
+    await wait_until(lambda: length_is(broker, queue.name, 20), what='all 20 back in the queue')
+    back = await drain(raw, queue.name)
+    assert [orjson.loads(m.body)['n'] for m in back] == list(range(20))
+    assert [m.headers['x-attempt'] for m in back] == [1] * 20
+    assert not any(m.redelivered for m in back)
+
+
+# item 5: a failed settle requeues ---------------------------------------------------------
+
+
+async def test_dead_letter_into_a_deleted_dlq_requeues_and_others_still_flow(
+        broker_factory: Callable[[], AbstractQueueBroker], raw: aio_pika.abc.AbstractChannel) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handle(n: int) -> None:
+        if n < 0:
+            raise Reject('negative')
+        calls.add({'n': n})
+
+    consuming, sending = broker_factory(), broker_factory()
+    agent = agent_consuming(queue, handle, max_attempts=100, prefetch=1)(broker=consuming)
+    await agent.start()
+    await raw.queue_delete(f'{queue.name}.dlq')  # behind the consumer's back
+    await sending.send_many(queue.name, [{'n': -1}, {'n': -2}, {'n': -3}])
+    await sending.send_many(queue.name, [{'n': n} for n in range(10)])
+    await calls.wait_for(10)  # prefetch + 1 failed settles no longer stall the consumer
+    await raw.declare_queue(f'{queue.name}.dlq', durable=True)
+
+    async def dead_lettered() -> bool:
+        return len(await sending.dead_letters(queue.name)) >= 3
+
+    await wait_until(dead_lettered, what='the rejected messages dead-lettered')
+    await agent.stop(grace=10)
+    letters = await sending.dead_letters(queue.name)
+    assert sorted(letter.data['n'] for letter in letters) == [-3, -2, -1]
+    assert sorted(c['n'] for c in calls.items) == list(range(10))
+    assert await sending.queue_length(queue.name) == 0
+
+
+# item 6: a failed crash count keeps the batch ---------------------------------------------
+
+
+async def test_failed_redelivery_count_keeps_the_collected_batch(
+        broker: AMQPBroker, raw: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = Queue(unique())
+    # Message 2 redelivered behind message 1: its first consumer closes its channel holding it.
+    await broker.send(queue.name, {'n': 2})
+    holder = await aio_pika.connect(AMQP_DSN)
+    amqp_queue = await (await holder.channel()).declare_queue(queue.name, durable=True)
+    held = await amqp_queue.get(no_ack=False)
+    assert held.body == b'{"n":2}'
+    await broker.send(queue.name, {'n': 1})
+    subscription = await subscribe(broker, queue, concurrency=4, prefetch=4)
+    await wait_until(lambda: subscription._incoming, what='the first message pushed')
+    await holder.close()
+    await wait_until(lambda: len(subscription._incoming) == 2, what='the redelivery pushed')
+
+    async def failing(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError('publish failed')
+
+    monkeypatch.setattr(broker, 'republish', failing)
+    batch = await subscription.fetch(4)
+    assert [orjson.loads(d.body) for d in batch] == [{'n': 1}]
+    await subscription.ack(batch[0])
+    monkeypatch.undo()
+    again: list[Delivery] = []
+
+    async def fetched() -> bool:  # counted (republished as attempt 2), then the copy arrives
+        again.extend(await subscription.fetch(4))
+        return bool(again)
+
+    await wait_until(fetched, what='the counted copy')
+    assert [(orjson.loads(d.body), d.attempt) for d in again] == [({'n': 2}, 2)]
+    await subscription.ack(again[0])
+    await subscription.close()
+    assert await broker.queue_length(queue.name) == 0
+
+
+# foreign producers, headers ---------------------------------------------------------------
+
+
+async def test_message_without_id_or_headers_works_and_keeps_a_stable_id(
+        broker: AMQPBroker, raw: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handle(n: int) -> None:
+        calls.add({'n': n})
+        if n == 2:
+            raise ValueError('always fails')
+
+    agent = agent_consuming(queue, handle, max_attempts=2, retry_delay=0.01)(broker=broker)
+    await agent.start()
+    # aiormq stamps a random id on every message it publishes; other clients (pika, Go, Java)
+    # send none unless told: mute aiormq's stamp for these two.
+    with monkeypatch.context() as patch:
+        patch.setattr(aiormq.channel, 'UUID', lambda **_: SimpleNamespace(hex=None))
+        for n in (1, 2):
+            await raw.default_exchange.publish(aio_pika.Message(f'{{"n": {n}}}'.encode()), queue.name)
+
+    async def dead() -> bool:
+        return len(await broker.dead_letters(queue.name)) == 1
+
+    await wait_until(dead, what='the failing foreign message dead-lettered')
+    await agent.stop(grace=10)
+    assert sorted(c['n'] for c in calls.items) == [1, 2, 2]
+    letter = (await broker.dead_letters(queue.name))[0]
+    assert letter.data == {'n': 2} and letter.attempts == 2
+    assert letter.message_id == 'body-' + hashlib.blake2b(b'{"n": 2}', digest_size=12).hexdigest()
+
+
+async def test_retries_and_dead_letters_keep_the_senders_headers(
+        broker: AMQPBroker, raw: aio_pika.abc.AbstractChannel) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handle(n: int) -> None:
+        calls.add({'n': n})
+        raise ValueError('always fails')
+
+    agent = agent_consuming(queue, handle, max_attempts=2, retry_delay=0.01)(broker=broker)
+    await agent.start()
+    sent = outgoing_message(b'{"n": 1}', 'm-1', 1, headers={'trace': 'abc', 'k': [1]},
+                            sent_at=1700000000.5)
+    await raw.default_exchange.publish(sent, queue.name)
+
+    async def dead() -> bool:
+        return len(await broker.dead_letters(queue.name)) == 1
+
+    await wait_until(dead, what='dead-lettered after two attempts')
+    await agent.stop(grace=10)
+    assert len(calls) == 2
+    letter = (await drain(raw, f'{queue.name}.dlq'))[0]
+    assert orjson.loads(letter.headers['x-headers']) == {'trace': 'abc', 'k': [1]}
+    assert letter.headers['x-sent-at'] == 1700000000500
+    assert letter.message_id == 'm-1' and letter.headers['x-attempt'] == 2
