@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -69,6 +70,57 @@ async def subscribe(broker: AMQPBroker, queue: Queue, **options: Any) -> AMQPSub
     subscription = await broker._subscribe(Consumer(agent, handler, queue, 60, options))
     assert isinstance(subscription, AMQPSubscription)
     return subscription
+
+
+class Proxy:
+    """A TCP proxy of the test's own in front of RabbitMQ: ``cut()`` aborts what goes through it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._upstream = (host, port)
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, '127.0.0.1', 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers += [writer, up_writer]
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer),
+                             return_exceptions=True)
+
+    def cut(self) -> None:
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self._server.close()
+        self.cut()
+        await self._server.wait_closed()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Proxy]:
+    url = urlsplit(AMQP_DSN)
+    proxy = Proxy(url.hostname or '127.0.0.1', url.port or 5672)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
 
 
 # item 2: a graceful stop costs nothing ----------------------------------------------------
@@ -248,3 +300,55 @@ async def test_retries_and_dead_letters_keep_the_senders_headers(
     assert orjson.loads(letter.headers['x-headers']) == {'trace': 'abc', 'k': [1]}
     assert letter.headers['x-sent-at'] == 1700000000500
     assert letter.message_id == 'm-1' and letter.headers['x-attempt'] == 2
+
+
+# issue 9 item 3: the stale buffer --------------------------------------------------------
+
+
+async def test_messages_buffered_from_a_lost_connection_are_handled_once(
+        broker: AMQPBroker, proxy: Proxy) -> None:
+    queue, calls = Queue(unique()), Calls()
+    gate = asyncio.Event()
+
+    async def handle(n: int) -> None:
+        calls.add({'n': n})
+        if n == 0:
+            await gate.wait()
+
+    url = urlsplit(AMQP_DSN)
+    through = AMQPBroker(url._replace(netloc=f'{url.username}:{url.password}@127.0.0.1:{proxy.port}')
+                         .geturl(), reconnect_interval=0.1)
+    agent = agent_consuming(queue, handle, max_attempts=1, prefetch=16)(broker=through)
+    await broker.send_many(queue.name, [{'n': n} for n in range(10)])
+    await agent.start()
+    try:
+        await calls.wait_for(1)
+        await wait_until(lambda: length_is(broker, queue.name, 0), what='all pushed to the consumer')
+        proxy.cut()  # while 0 is in its handler and 1-9 are buffered
+        runner = through._runners[queue.name]
+        assert isinstance(runner._sub, AMQPSubscription)
+        buffered = [*runner._sub._incoming, *(d.handle for d in runner._buffer)]
+        assert len(buffered) == 9
+        await wait_until(lambda: all(m.channel.is_closed for m in buffered if not _raises(m)),
+                         what='the client seeing the loss')
+        gate.set()
+        await calls.wait_for(10, timeout_s=30)
+
+        async def dead_lettered() -> bool:
+            return len(await broker.dead_letters(queue.name)) == 1
+
+        # 0 was in its handler: its ack was lost, so its redelivery counts (max_attempts=1).
+        await wait_until(dead_lettered, what='0 dead-lettered')
+        await wait_until(lambda: length_is(broker, queue.name, 0), what='an empty queue')
+    finally:
+        await agent.stop(grace=5)
+    assert sorted(c['n'] for c in calls.items) == list(range(10))
+    assert [letter.data['n'] for letter in await broker.dead_letters(queue.name)] == [0]
+
+
+def _raises(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    try:
+        message.channel  # noqa: B018 - aio-pika raises for a closed channel
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return True
+    return False

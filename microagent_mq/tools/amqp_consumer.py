@@ -25,7 +25,9 @@ How the attempt rule (DESIGN.md "Attempts: the one rule") holds on RabbitMQ:
 - **Stale deliveries are dropped.** Messages buffered from a channel that has since closed
   were requeued by RabbitMQ already: ``fetch`` drops them, and settling one does nothing
   but log, so the handler never sees them twice because of us. To keep that buffer here
-  (where it is checked), a fetch hands out at most ``concurrency`` messages.
+  (where it is checked), a fetch hands out at most ``concurrency`` messages. A dropped
+  message was never handled, so when it comes back to this consumer its ``redelivered``
+  flag is not counted (to another consumer it is: a known over-count, never an under-count).
 - **Foreign messages.** A message without ``message_id`` gets ``body-<hash of the body>``:
   stable across redeliveries and the copies we publish (which carry it), but two identical
   bodies share it; a producer that needs them told apart sets ``message_id``.
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from .amqp import AMQPBroker
 
 IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
+MAX_DROPPED_IDS = 10_000  # ids of stale deliveries remembered until they come back
 
 
 class AMQPSubscription(Subscription):
@@ -66,6 +69,8 @@ class AMQPSubscription(Subscription):
         self._amqp_queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._fetching = True
+        # Ids of messages dropped as stale: never handled, so their redelivery is no attempt.
+        self._dropped: set[str] = set()
 
     async def start(self, queue: AbstractQueue) -> None:
         """Start the push of messages into this subscription's buffer."""
@@ -96,8 +101,8 @@ class AMQPSubscription(Subscription):
         while self._fetching and incoming and len(batch) < limit:
             message = incoming.popleft()
             if _stale(message):
-                self._log_stale(message, 'dropped from the buffer')
-            elif message.redelivered:
+                self._drop(message)
+            elif message.redelivered and not self._was_dropped(message):
                 try:
                     await self._count_redelivery(message)
                 except BaseException:
@@ -178,13 +183,30 @@ class AMQPSubscription(Subscription):
                 message = self._incoming.popleft()
                 if _stale(message):
                     continue
-                crashed = 1 if message.redelivered else 0  # its count is still owed
+                # A crash's count is still owed; a stale copy's never was.
+                crashed = 1 if message.redelivered and not self._was_dropped(message) else 0
                 delivery = Delivery(message.body, _message_id(message),
                                     attempt_of(message) + crashed, message,
                                     headers_of(message), sent_at_of(message))
                 await self._move(delivery, self._queue, delivery.attempt, 'release')
         finally:
             await self._channel.close()
+
+    def _drop(self, message: AbstractIncomingMessage) -> None:
+        self._log_stale(message, 'dropped from the buffer')
+        if len(self._dropped) >= MAX_DROPPED_IDS:  # those went to other consumers
+            self._dropped.clear()
+        self._dropped.add(_message_id(message))
+
+    def _was_dropped(self, message: AbstractIncomingMessage) -> bool:
+        dropped = self._dropped
+        if not dropped:
+            return False
+        message_id = _message_id(message)
+        if message_id in dropped:
+            dropped.discard(message_id)
+            return True
+        return False
 
     def _log_stale(self, message: AbstractIncomingMessage, what: str) -> None:
         self._broker.log.info('Message %s of %s came from a closed channel (RabbitMQ delivers '
