@@ -79,12 +79,14 @@ class Proxy:
         self._upstream = (host, port)
         self._writers: list[asyncio.StreamWriter] = []
         self.port = 0
+        self.accepted = 0  # connections taken so far
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, '127.0.0.1', 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         except OSError:
@@ -112,6 +114,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
     finally:
         writer.transport.abort()
+
+
+def through(proxy: Proxy, **options: Any) -> AMQPBroker:
+    """A broker connecting through ``proxy``."""
+    url = urlsplit(AMQP_DSN)
+    return AMQPBroker(url._replace(netloc=f'{url.username}:{url.password}@127.0.0.1:{proxy.port}')
+                      .geturl(), **options)
 
 
 @pytest.fixture
@@ -315,17 +324,15 @@ async def test_messages_buffered_from_a_lost_connection_are_handled_once(
         if n == 0:
             await gate.wait()
 
-    url = urlsplit(AMQP_DSN)
-    through = AMQPBroker(url._replace(netloc=f'{url.username}:{url.password}@127.0.0.1:{proxy.port}')
-                         .geturl(), reconnect_interval=0.1)
-    agent = agent_consuming(queue, handle, max_attempts=1, prefetch=16)(broker=through)
+    cut_broker = through(proxy, reconnect_interval=0.1)
+    agent = agent_consuming(queue, handle, max_attempts=1, prefetch=16)(broker=cut_broker)
     await broker.send_many(queue.name, [{'n': n} for n in range(10)])
     await agent.start()
     try:
         await calls.wait_for(1)
         await wait_until(lambda: length_is(broker, queue.name, 0), what='all pushed to the consumer')
         proxy.cut()  # while 0 is in its handler and 1-9 are buffered
-        runner = through._runners[queue.name]
+        runner = cut_broker._runners[queue.name]
         assert isinstance(runner._sub, AMQPSubscription)
         buffered = [*runner._sub._incoming, *(d.handle for d in runner._buffer)]
         assert len(buffered) == 9
@@ -352,3 +359,41 @@ def _raises(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
     except aio_pika.exceptions.ChannelInvalidStateError:
         return True
     return False
+
+
+# item 7: a copy and its ack are one -------------------------------------------------------
+
+
+async def test_connection_drop_between_copy_and_ack_does_not_split_the_message(
+        broker: AMQPBroker, proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handle(n: int) -> None:
+        calls.add({'n': n})
+        raise ValueError('always fails')
+
+    cut_broker = through(proxy, reconnect_interval=0.1)
+    republish = cut_broker.republish
+
+    async def republish_then_cut(*args: Any, **kwargs: Any) -> None:
+        await republish(*args, **kwargs)
+        if proxy.accepted == 1:  # the first retry: the copy is out, its ack not yet
+            proxy.cut()
+            await wait_until(lambda: proxy.accepted > 1, what='the client reconnecting')
+
+    monkeypatch.setattr(cut_broker, 'republish', republish_then_cut)
+    agent = agent_consuming(queue, handle, max_attempts=2, retry_delay=0.01)(broker=cut_broker)
+    await agent.start()
+    try:
+        await broker.send(queue.name, {'n': 1})
+
+        async def dead_lettered() -> bool:
+            return len(await broker.dead_letters(queue.name)) >= 1
+
+        await wait_until(dead_lettered, timeout_s=30, what='the message dead-lettered')
+        assert proxy.accepted > 1, 'the connection was never cut'
+        await wait_until(lambda: length_is(broker, queue.name, 0), what='an empty queue')
+    finally:
+        await agent.stop(grace=5)
+    assert len(await broker.dead_letters(queue.name)) == 1
+    assert len(calls) == 2  # max_attempts, not one more

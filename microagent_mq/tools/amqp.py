@@ -191,9 +191,14 @@ class AMQPBroker(AbstractQueueBroker):
 
     async def republish(self, queue: str, body: bytes, message_id: str, attempt: int,
                         delay: float = 0.0, headers: dict[str, Any] | None = None, *,
-                        user_headers: dict[str, Any] | None = None, sent_at: float = 0.0) -> None:
-        """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed."""
-        channel = await self.publish_channel()
+                        user_headers: dict[str, Any] | None = None, sent_at: float = 0.0,
+                        channel: AbstractChannel | None = None) -> None:
+        """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed.
+
+        ``channel``: publish there instead (a consumer's transactional channel: unconfirmed,
+        it takes effect at the consumer's commit).
+        """
+        channel = channel or await self.publish_channel()
         target = await self.delay_queue(channel, queue, delay) if delay > 0 else queue
         await channel.default_exchange.publish(
             outgoing_message(body, message_id, attempt, headers=user_headers, sent_at=sent_at,
@@ -202,15 +207,10 @@ class AMQPBroker(AbstractQueueBroker):
     # consuming --------------------------------------------------------------------------
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
-        connection = await self.connection()
-        channel = await connection.channel()
-        capacity = consumer.config.concurrency + consumer.config.prefetch
-        await channel.set_qos(prefetch_count=capacity)
-        queue = await self.declare(channel, consumer.queue)
-        await channel.declare_queue(f'{consumer.queue.name}.dlq', durable=True)
-        subscription = AMQPSubscription(self, consumer.queue.name, channel,
-                                        hand_out=consumer.config.concurrency)
-        await subscription.start(queue)
+        config = consumer.config
+        subscription = AMQPSubscription(self, consumer.queue, config.concurrency + config.prefetch,
+                                        hand_out=config.concurrency)
+        await subscription.open()
         return subscription
 
     # inspecting ---------------------------------------------------------------------------

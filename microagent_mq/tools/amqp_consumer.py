@@ -31,10 +31,12 @@ How the attempt rule (DESIGN.md "Attempts: the one rule") holds on RabbitMQ:
 - **Foreign messages.** A message without ``message_id`` gets ``body-<hash of the body>``:
   stable across redeliveries and the copies we publish (which carry it), but two identical
   bodies share it; a producer that needs them told apart sets ``message_id``.
-- **The remaining duplicate window.** Retry, dead letter, release and the crash count
-  publish a copy (confirmed) and then ack the original. If the connection drops between
-  the confirm and the ack, the original comes back as well as the copy: the message is
-  then handled once more than it should (and may be dead-lettered twice).
+- **A copy and its ack commit together.** Retry, dead letter, release and the crash count
+  publish a copy and ack the original in one transaction on the consumer's channel
+  (``amqp_tx``), so a dropped connection cannot split a message in two. The channel is
+  a plain one (not aio-pika's robust channel, which could reopen and send the copy on a
+  new channel while the ack goes to the dead one): when it closes, ``fetch`` opens a new
+  one, and everything buffered from the old one is stale.
 """
 
 import asyncio
@@ -43,10 +45,14 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.abc import AbstractChannel as Underlay
 
+from ..queue import Queue
 from ..transport import Delivery, Subscription, now_s
 from .amqp_codec import attempt_of, headers_of, sent_at_of
+from .amqp_tx import Step, Transactions
 
 if TYPE_CHECKING:
     from .amqp import AMQPBroker
@@ -56,26 +62,46 @@ MAX_DROPPED_IDS = 10_000  # ids of stale deliveries remembered until they come b
 
 
 class AMQPSubscription(Subscription):
-    """A consumer on its own channel; RabbitMQ pushes up to the QoS prefetch."""
+    """A consumer on its own transactional channel; RabbitMQ pushes up to the QoS prefetch."""
 
-    def __init__(self, broker: 'AMQPBroker', queue: str, channel: AbstractChannel,
-                 hand_out: int = 1) -> None:
+    def __init__(self, broker: 'AMQPBroker', queue: Queue, capacity: int, hand_out: int) -> None:
         self._broker = broker
         self._queue = queue
-        self._channel = channel
+        self._name = queue.name
+        self._capacity = capacity  # the QoS prefetch
         self._hand_out = hand_out  # most messages one fetch hands to the engine
         self._incoming: deque[AbstractIncomingMessage] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._amqp_queue: AbstractQueue | None = None
+        self._channel: AbstractChannel | None = None
+        self._underlay: Underlay | None = None  # the channel's aiormq channel
+        self._consuming: AbstractQueue | None = None
         self._tag: str | None = None
         self._fetching = True
+        self._tx = Transactions(broker.log, queue.name, eager=capacity // 2)
         # Ids of messages dropped as stale: never handled, so their redelivery is no attempt.
         self._dropped: set[str] = set()
 
-    async def start(self, queue: AbstractQueue) -> None:
-        """Start the push of messages into this subscription's buffer."""
-        self._amqp_queue = queue
-        self._tag = await queue.consume(self._on_message, no_ack=False)
+    async def open(self) -> None:
+        """Open a transactional channel, declare the queues, start the push into the buffer."""
+        connection = await self._broker.connection()
+        channel = aio_pika.Channel(connection, publisher_confirms=False)
+        await channel.initialize()
+        try:
+            await channel.set_qos(prefetch_count=self._capacity)
+            consuming = await self._broker.declare(channel, self._queue)
+            await channel.declare_queue(f'{self._name}.dlq', durable=True)
+            underlay = await channel.get_underlay_channel()
+            await self._tx.select(underlay)
+            channel.close_callbacks.add(lambda *_: self._wake())
+            channel.return_callbacks.add(self._on_return)
+            self._tag = await consuming.consume(self._on_message, no_ack=False)
+        except BaseException:
+            await _close(channel)
+            raise
+        self._channel, self._underlay, self._consuming = channel, underlay, consuming
+
+    def _closed(self) -> bool:
+        return self._channel is None or self._channel.is_closed
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._incoming.append(message)
@@ -85,8 +111,15 @@ class AMQPSubscription(Subscription):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _on_return(self, *args: Any) -> None:
+        message = args[-1]  # declared before publishing, so this takes a queue deleted since
+        self._broker.log.error('A copy of message %s for %s was returned as unroutable: lost',
+                               getattr(message, 'message_id', '?'), self._name)
+
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
         incoming = self._incoming
+        if self._fetching and self._closed():
+            await self.open()  # raises while RabbitMQ is away: the engine retries, backing off
         if not incoming and self._fetching:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -100,7 +133,7 @@ class AMQPSubscription(Subscription):
         limit = min(max_count, self._hand_out)
         while self._fetching and incoming and len(batch) < limit:
             message = incoming.popleft()
-            if _stale(message):
+            if self._underlay_of(message) is None:
                 self._drop(message)
             elif message.redelivered and not self._was_dropped(message):
                 try:
@@ -110,70 +143,84 @@ class AMQPSubscription(Subscription):
                     incoming.appendleft(message)
                     if batch:
                         self._broker.log.warning('Counting a redelivery on %s failed; will retry',
-                                                 self._queue, exc_info=True)
+                                                 self._name, exc_info=True)
                         return batch
                     raise
             else:
-                batch.append(Delivery(message.body, _message_id(message), attempt_of(message),
-                                      message, headers_of(message), sent_at_of(message)))
+                batch.append(_delivery(message))
         return batch
 
     async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
         # See the module's docstring: a redelivery is a crash, recorded in the message itself.
-        await self._broker.republish(
-            self._queue, message.body, _message_id(message), attempt_of(message) + 1,
-            user_headers=headers_of(message), sent_at=sent_at_of(message))
-        await message.ack()
+        delivery = _delivery(message)
+        await self._move(delivery, self._name, delivery.attempt + 1, 'crash count', requeue=False)
 
     async def stop_fetching(self) -> None:
         if not self._fetching:
             return
         self._fetching = False
         self._wake()
-        if self._amqp_queue is not None and self._tag is not None:
+        if self._consuming is not None and self._tag is not None and not self._closed():
             try:
-                await self._amqp_queue.cancel(self._tag)
+                await self._consuming.cancel(self._tag)
             except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
-                self._broker.log.info('Cancelling the consumer of %s failed: %r', self._queue, exc)
+                self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
 
     async def ack(self, delivery: Delivery) -> None:
-        message = delivery.handle
-        if _stale(message):
+        message: AbstractIncomingMessage = delivery.handle
+        underlay = self._underlay_of(message)
+        if underlay is None:
             self._log_stale(message, 'not acked')
             return
-        await message.ack()
+        await self._tx.ack(underlay, message.ack)
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
-        await self._move(delivery, self._queue, delivery.attempt + 1, 'retry', max(delay, 0.001))
+        await self._move(delivery, self._name, delivery.attempt + 1, 'retry', max(delay, 0.001))
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
-        await self._move(delivery, f'{self._queue}.dlq', delivery.attempt, 'dead letter', headers={
-            'x-error': error, 'x-failed-at': now_s(), 'x-queue': self._queue})
+        await self._move(delivery, f'{self._name}.dlq', delivery.attempt, 'dead letter', headers={
+            'x-error': error, 'x-failed-at': now_s(), 'x-queue': self._name})
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         # Before anything is given back: RabbitMQ must not push the copies (or more) to us.
         await self.stop_fetching()
         for delivery in deliveries:
-            await self._move(delivery, self._queue, delivery.attempt, 'release')
+            await self._move(delivery, self._name, delivery.attempt, 'release')
 
     async def _move(self, delivery: Delivery, target: str, attempt: int, what: str,
-                    delay: float = 0.0, headers: dict[str, Any] | None = None) -> None:
-        """Publish a copy of ``delivery`` to ``target``, then ack the original."""
+                    delay: float = 0.0, headers: dict[str, Any] | None = None,
+                    requeue: bool = True) -> None:
+        """Publish a copy of ``delivery`` to ``target`` and ack the original, atomically."""
         message: AbstractIncomingMessage = delivery.handle
-        if _stale(message):
+        underlay, channel = self._underlay_of(message), self._channel
+        if underlay is None or channel is None:
             self._log_stale(message, f'{what} skipped')
             return
+        steps: list[Step] = []
+        if target != self._name:  # a copy to a queue deleted behind our back would be lost
+            steps.append(lambda: channel.declare_queue(target, durable=True))
+        steps.append(lambda: self._broker.republish(
+            target, delivery.body, delivery.message_id, attempt, delay, headers=headers,
+            user_headers=delivery.headers, sent_at=delivery.sent_at, channel=channel))
+        steps.append(message.ack)
         try:
-            await self._broker.republish(target, delivery.body, delivery.message_id, attempt, delay,
-                                         headers=headers, user_headers=delivery.headers,
-                                         sent_at=delivery.sent_at)
-            await message.ack()
+            await self._tx.atomically(underlay, *steps)
         except Exception as exc:
+            if not requeue:
+                raise
             # Requeued rather than stranded: unsettled, it would also hold a prefetch slot.
             self._broker.log.warning('%s of message %s on %s failed (%r): requeued; its '
                                      'redelivery counts an attempt', what.capitalize(),
-                                     delivery.message_id, self._queue, exc)
-            await _nack(message)
+                                     delivery.message_id, self._name, exc)
+            await self._requeue(message, underlay)
+
+    async def _requeue(self, message: AbstractIncomingMessage, underlay: Underlay) -> None:
+        if underlay.is_closed:
+            return  # RabbitMQ requeued it with the channel
+        try:
+            await self._tx.atomically(underlay, lambda: message.nack(requeue=True))
+        except Exception as exc:
+            self._broker.log.info('Requeueing a message of %s failed: %r', self._name, exc)
 
     async def close(self) -> None:
         try:
@@ -181,16 +228,25 @@ class AMQPSubscription(Subscription):
             # Pushed but never fetched: released, as the engine's buffer was.
             while self._incoming:
                 message = self._incoming.popleft()
-                if _stale(message):
+                if self._underlay_of(message) is None:
                     continue
+                delivery = _delivery(message)
                 # A crash's count is still owed; a stale copy's never was.
-                crashed = 1 if message.redelivered and not self._was_dropped(message) else 0
-                delivery = Delivery(message.body, _message_id(message),
-                                    attempt_of(message) + crashed, message,
-                                    headers_of(message), sent_at_of(message))
-                await self._move(delivery, self._queue, delivery.attempt, 'release')
+                if message.redelivered and not self._was_dropped(message):
+                    delivery.attempt += 1
+                await self._move(delivery, self._name, delivery.attempt, 'release')
+            await self._tx.close()
         finally:
-            await self._channel.close()
+            if self._channel is not None:
+                await _close(self._channel)
+
+    def _underlay_of(self, message: AbstractIncomingMessage) -> Underlay | None:
+        """The open channel ``message`` came on; None when stale (RabbitMQ requeued it)."""
+        underlay = self._underlay
+        try:
+            return underlay if message.channel is underlay and underlay is not None else None
+        except Exception:  # aio-pika raises ChannelInvalidStateError for a closed channel
+            return None
 
     def _drop(self, message: AbstractIncomingMessage) -> None:
         self._log_stale(message, 'dropped from the buffer')
@@ -210,15 +266,12 @@ class AMQPSubscription(Subscription):
 
     def _log_stale(self, message: AbstractIncomingMessage, what: str) -> None:
         self._broker.log.info('Message %s of %s came from a closed channel (RabbitMQ delivers '
-                              'it again): %s', _message_id(message), self._queue, what)
+                              'it again): %s', _message_id(message), self._name, what)
 
 
-def _stale(message: AbstractIncomingMessage) -> bool:
-    """True when ``message`` came on a channel that has closed since (RabbitMQ requeued it)."""
-    try:
-        return bool(message.channel.is_closed)
-    except Exception:  # aio-pika raises ChannelInvalidStateError for a closed channel
-        return True
+def _delivery(message: AbstractIncomingMessage) -> Delivery:
+    return Delivery(message.body, _message_id(message), attempt_of(message), message,
+                    headers_of(message), sent_at_of(message))
 
 
 def _message_id(message: AbstractIncomingMessage) -> str:
@@ -226,8 +279,8 @@ def _message_id(message: AbstractIncomingMessage) -> str:
     return message.message_id or f'body-{hashlib.blake2b(message.body, digest_size=12).hexdigest()}'
 
 
-async def _nack(message: AbstractIncomingMessage) -> None:
+async def _close(channel: AbstractChannel) -> None:
     try:
-        await message.nack(requeue=True)
-    except Exception:  # the channel is gone: RabbitMQ requeues by itself
+        await channel.close()
+    except Exception:  # closed already, with its connection
         pass
