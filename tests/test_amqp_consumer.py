@@ -179,6 +179,7 @@ async def test_stop_fetching_then_release_then_close_gives_everything_back_in_or
     back = await drain(raw, queue.name)
     assert [orjson.loads(m.body)['n'] for m in back] == list(range(20))
     assert [m.headers['x-attempt'] for m in back] == [1] * 20
+    assert all(m.headers['x-sent-at'] > 0 for m in back)  # the sender's stamp kept
     assert not any(m.redelivered for m in back)
 
 
@@ -212,6 +213,34 @@ async def test_dead_letter_into_a_deleted_dlq_requeues_and_others_still_flow(
     assert sorted(letter.data['n'] for letter in letters) == [-3, -2, -1]
     assert sorted(c['n'] for c in calls.items) == list(range(10))
     assert await sending.queue_length(queue.name) == 0
+
+
+async def test_failed_retry_publish_requeues_instead_of_stalling(
+        broker: AMQPBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handle(n: int) -> None:
+        calls.add({'n': n})
+        if n == 0 and len(calls) == 1:
+            raise ValueError('first attempt fails')
+
+    republish, failures = broker.republish, [ConnectionError('publish failed')] * 2
+
+    async def flaky(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await republish(*args, **kwargs)
+
+    monkeypatch.setattr(broker, 'republish', flaky)
+    agent = agent_consuming(queue, handle, prefetch=0, retry_delay=0.01)(broker=broker)
+    await agent.start()
+    await broker.send_many(queue.name, [{'n': n} for n in range(5)])
+    await calls.wait_for(6)  # one prefetch slot: a stranded message would stall the rest
+    await wait_until(lambda: length_is(broker, queue.name, 0), what='an empty queue')
+    await agent.stop(grace=10)
+    assert failures == []
+    assert sorted(c['n'] for c in calls.items) == [0, 0, 1, 2, 3, 4]
+    assert await broker.dead_letters(queue.name) == []
 
 
 # item 6: a failed crash count keeps the batch ---------------------------------------------
