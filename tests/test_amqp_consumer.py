@@ -186,7 +186,7 @@ async def test_stop_fetching_then_release_then_close_gives_everything_back_in_or
 # item 5: a failed settle requeues ---------------------------------------------------------
 
 
-async def test_dead_letter_into_a_deleted_dlq_requeues_and_others_still_flow(
+async def test_dlq_deleted_behind_the_consumer_stalls_nothing_and_loses_nothing(
         broker_factory: Callable[[], AbstractQueueBroker], raw: aio_pika.abc.AbstractChannel) -> None:
     queue, calls = Queue(unique()), Calls()
 
@@ -202,7 +202,7 @@ async def test_dead_letter_into_a_deleted_dlq_requeues_and_others_still_flow(
     await sending.send_many(queue.name, [{'n': -1}, {'n': -2}, {'n': -3}])
     await sending.send_many(queue.name, [{'n': n} for n in range(10)])
     await calls.wait_for(10)  # prefetch + 1 failed settles no longer stall the consumer
-    await raw.declare_queue(f'{queue.name}.dlq', durable=True)
+    await raw.declare_queue(f'{queue.name}.dlq', durable=True)  # in case nobody did
 
     async def dead_lettered() -> bool:
         return len(await sending.dead_letters(queue.name)) >= 3

@@ -7,8 +7,8 @@ How the attempt rule (DESIGN.md "Attempts: the one rule") holds on RabbitMQ:
   its consumer died, or lost its connection, maybe with the handler running. That is an
   attempt: ``fetch`` publishes the message again with ``x-attempt`` + 1 and acks the
   original, so ``max_attempts`` holds across SIGKILLs. The copy goes to the back of the
-  queue: RabbitMQ cannot rewrite a message in place, and handing it on with the flag alone
-  would forget the count at the next crash.
+  queue (recovery waits for the backlog): RabbitMQ cannot rewrite a message in place, and
+  handing it on with the flag alone would forget the count at the next crash.
 - **Nothing graceful leaves a message to that rule.** Since a redelivery counts, a graceful
   path never nacks and never closes a channel holding unsettled messages. A stop first
   cancels the consumer (``stop_fetching``: ``basic.cancel``), so RabbitMQ pushes nothing
@@ -16,27 +16,36 @@ How the attempt rule (DESIGN.md "Attempts: the one rule") holds on RabbitMQ:
   still buffered here) is *released*: published again with the same attempt, then acked.
   Released messages move to the back of the queue, in their order: the price of not
   counting them (a nack would keep their place but set ``redelivered``, which cannot be
-  told from a crash).
-- **A failed settle requeues.** When a retry, dead letter or release cannot publish its
-  copy (a ``.dlq`` deleted behind our back, a publish error), the original is nacked with
-  requeue: not stranded, and its prefetch slot is freed. Its redelivery counts an attempt
-  (the handler did run; for a release this is the one case where an unhandled message
-  pays one).
-- **Stale deliveries are dropped.** Messages buffered from a channel that has since closed
-  were requeued by RabbitMQ already: ``fetch`` drops them, and settling one does nothing
-  but log, so the handler never sees them twice because of us. To keep that buffer here
-  (where it is checked), a fetch hands out at most ``concurrency`` messages. A dropped
-  message was never handled, so when it comes back to this consumer its ``redelivered``
-  flag is not counted (to another consumer it is: a known over-count, never an under-count).
-- **Foreign messages.** A message without ``message_id`` gets ``body-<hash of the body>``:
-  stable across redeliveries and the copies we publish (which carry it), but two identical
-  bodies share it; a producer that needs them told apart sets ``message_id``.
+  told from a crash). ``release`` and ``close`` cancel first themselves, for an engine
+  that does not call ``stop_fetching``.
 - **A copy and its ack commit together.** Retry, dead letter, release and the crash count
   publish a copy and ack the original in one transaction on the consumer's channel
   (``amqp_tx``), so a dropped connection cannot split a message in two. The channel is
   a plain one (not aio-pika's robust channel, which could reopen and send the copy on a
   new channel while the ack goes to the dead one): when it closes, ``fetch`` opens a new
-  one, and everything buffered from the old one is stale.
+  one, and everything buffered from the old one is stale. A dead letter declares its
+  ``.dlq`` first: in a transaction an unroutable copy would be dropped, not refused.
+- **A failed settle requeues.** When a retry, dead letter or release fails (a publish
+  error; the transaction is rolled back), the original is nacked with requeue: not
+  stranded, and its prefetch slot is freed. Its redelivery counts an attempt (the handler
+  did run; for a release this is the one case where an unhandled message pays one).
+- **Stale deliveries are dropped.** Messages buffered from a channel that has since closed
+  were requeued by RabbitMQ already: ``fetch`` drops them, and settling one does nothing
+  but log. To keep that buffer here (where it is checked), a fetch hands out at most
+  ``concurrency`` messages. A dropped message was never handled, so when it comes back to
+  this consumer its ``redelivered`` flag is not counted (to another consumer it is: an
+  over-count, never an under-count).
+- **Foreign messages.** A message without ``message_id`` gets ``body-<hash of the body>``:
+  stable across redeliveries and the copies we publish (which carry it; a delivery tag is
+  per channel, so no use), but two identical bodies share it; a producer that needs them
+  told apart sets ``message_id``.
+
+Where a duplicate handling can still come from (each time counted as an attempt):
+a handler running when its consumer dies or loses its connection (its ack is lost); the
+plain acks of the last 5 ms, not yet committed (``amqp_tx``), when that happens; up to
+``concurrency`` messages already handed to the engine but not started when the connection
+drops (the engine does not ask before starting a handler); a RabbitMQ node failing in the
+middle of a commit (RabbitMQ makes a transaction atomic per queue only).
 """
 
 import asyncio
