@@ -135,8 +135,9 @@ async def proxy() -> AsyncIterator[Proxy]:
 # item 2: a graceful stop costs nothing ----------------------------------------------------
 
 
+@pytest.mark.parametrize('concurrency', [1, 4])
 async def test_graceful_stop_mid_way_dead_letters_nothing(
-        broker_factory: Callable[[], AbstractQueueBroker]) -> None:
+        broker_factory: Callable[[], AbstractQueueBroker], concurrency: int) -> None:
     queue, calls = Queue(unique()), Calls()
     half = asyncio.Event()
 
@@ -146,7 +147,7 @@ async def test_graceful_stop_mid_way_dead_letters_nothing(
             half.set()
         await asyncio.sleep(0.005)  # slow-ish, so the stop finds a full buffer
 
-    Agent = agent_consuming(queue, handle, max_attempts=1, concurrency=2, prefetch=16)
+    Agent = agent_consuming(queue, handle, max_attempts=1, concurrency=concurrency, prefetch=16)
     sending, first_broker, second_broker = broker_factory(), broker_factory(), broker_factory()
     await sending.send_many(queue.name, [{'n': n} for n in range(60)])
     first = Agent(broker=first_broker)
