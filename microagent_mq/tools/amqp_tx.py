@@ -44,6 +44,7 @@ class Transactions:
         self._uncommitted: set[AbstractChannel] = set()
         self._pending = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
+        self._closed = False
         # Cleared while a copy and its ack are on the wire: a rollback must not take a plain
         # ack with it, so plain acks wait for this.
         self._not_moving = asyncio.Event()
@@ -85,7 +86,7 @@ class Transactions:
 
     def acked(self, channel: AbstractChannel) -> None:
         """An ack was sent on ``channel``: commit it soon."""
-        if channel not in self._selected:
+        if channel not in self._selected or self._closed:
             return  # not transactional (yet): the ack took effect as sent
         self._uncommitted.add(channel)
         self._acks += 1
@@ -128,11 +129,14 @@ class Transactions:
 
     async def close(self) -> None:
         """Commit what is left; stop the committer."""
-        committer, self._committer = self._committer, None
-        if committer is not None:
-            committer.cancel()
-            await asyncio.gather(committer, return_exceptions=True)
-        await self._commit_all()
+        async with self._lock:  # never cancel a commit on the wire: its reply would be stray
+            self._closed = True
+            committer, self._committer = self._committer, None
+            if committer is not None:
+                committer.cancel()
+                await asyncio.gather(committer, return_exceptions=True)
+            for channel in list(self._uncommitted):
+                await self._commit(channel)
 
     async def _rollback(self, channel: AbstractChannel) -> None:
         if channel.is_closed:
