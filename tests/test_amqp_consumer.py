@@ -278,6 +278,7 @@ async def test_failed_redelivery_count_keeps_the_collected_batch(
 
     await wait_until(fetched, what='the counted copy')
     assert [(orjson.loads(d.body), d.attempt) for d in again] == [({'n': 2}, 2)]
+    assert again[0].message_id == held.message_id and again[0].sent_at > 0  # metadata kept
     await subscription.ack(again[0])
     await subscription.close()
     assert await broker.queue_length(queue.name) == 0
