@@ -108,6 +108,8 @@ class AMQPSubscription(Subscription):
             await _close(channel)
             raise
         self._channel, self._underlay, self._consuming = channel, underlay, consuming
+        if not self._fetching:  # stopped while this opened
+            await self._cancel()
 
     def _closed(self) -> bool:
         return self._channel is None or self._channel.is_closed
@@ -165,15 +167,18 @@ class AMQPSubscription(Subscription):
         await self._move(delivery, self._name, delivery.attempt + 1, 'crash count', requeue=False)
 
     async def stop_fetching(self) -> None:
-        if not self._fetching:
-            return
         self._fetching = False
         self._wake()
-        if self._consuming is not None and self._tag is not None and not self._closed():
-            try:
-                await self._consuming.cancel(self._tag)
-            except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
-                self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
+        await self._cancel()
+
+    async def _cancel(self) -> None:
+        consuming, tag, self._tag = self._consuming, self._tag, None
+        if consuming is None or tag is None or self._closed():
+            return
+        try:
+            await consuming.cancel(tag)
+        except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
+            self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
 
     async def ack(self, delivery: Delivery) -> None:
         message: AbstractIncomingMessage = delivery.handle
