@@ -237,24 +237,31 @@ class AMQPBroker(AbstractQueueBroker):
 
     async def republish(self, queue: str, body: bytes, message_id: str, attempt: int,
                         delay: float = 0.0, headers: dict[str, Any] | None = None, *,
-                        user_headers: dict[str, Any] | None = None,
-                        sent_at: float = 0.0) -> None:
+                        user_headers: dict[str, Any] | None = None, sent_at: float = 0.0,
+                        channel: AbstractChannel | None = None) -> None:
         """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed.
 
         ``headers``: transport headers (``x-error``...); ``user_headers`` and ``sent_at``: the
         sender's metadata (``Delivery.headers`` / ``Delivery.sent_at``), kept as they were.
         A ``delay`` beyond the ladder's longest (``MAX_DELAY_S``) is cut to it.
+        ``channel``: publish there instead (a consumer's transactional channel: unconfirmed,
+        it takes effect at the consumer's commit); declarations still go through the
+        publishing channel, so no exchange object of ours is ever bound to a consumer's channel.
         """
-        channel = await self.publish_channel()
+        publish_on = channel or await self.publish_channel()
         try:
             if delay <= 0:
-                await channel.default_exchange.publish(outgoing_message(
+                await publish_on.default_exchange.publish(outgoing_message(
                     body, message_id, attempt, headers=user_headers, sent_at=sent_at,
                     extra=headers), queue)
                 return
             ms = delay_ms(min(delay, MAX_DELAY_S))
-            await self._delay_target(channel, queue)
-            entry = await self._exchange_for(channel, entry_exchange(ms))
+            declaring = await self.publish_channel()
+            await self._delay_target(declaring, queue)
+            if channel is None:
+                entry = await self._exchange_for(declaring, entry_exchange(ms))
+            else:
+                entry = await channel.get_exchange(entry_exchange(ms), ensure=False)
             await entry.publish(outgoing_message(
                 body, message_id, attempt, headers=user_headers, sent_at=sent_at,
                 extra={**(headers or {}), DESTINATION_HEADER: queue}), routing_key(ms))
@@ -265,14 +272,10 @@ class AMQPBroker(AbstractQueueBroker):
     # consuming --------------------------------------------------------------------------
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
-        connection = await self.connection()
-        channel = await connection.channel()
-        capacity = consumer.config.concurrency + consumer.config.prefetch
-        await channel.set_qos(prefetch_count=capacity)
-        queue = await self.declare(channel, consumer.queue)
-        await channel.declare_queue(f'{consumer.queue.name}.dlq', durable=True)
-        subscription = AMQPSubscription(self, consumer.queue.name, channel)
-        await subscription.start(queue)
+        config = consumer.config
+        subscription = AMQPSubscription(self, consumer.queue, config.concurrency + config.prefetch,
+                                        hand_out=config.concurrency)
+        await subscription.open()
         return subscription
 
     # inspecting ---------------------------------------------------------------------------

@@ -1,46 +1,137 @@
-"""A consumer on its own RabbitMQ channel: RabbitMQ pushes, the engine fetches."""
+"""A consumer on its own RabbitMQ channel: RabbitMQ pushes, the engine fetches.
+
+How the attempt rule (DESIGN.md "Attempts: the one rule") holds on RabbitMQ:
+
+- **Crashes count.** A classic queue does not count deliveries. RabbitMQ redelivers a
+  message (``redelivered`` set) only when a channel holding it closed without settling it:
+  its consumer died, or lost its connection, maybe with the handler running. That is an
+  attempt: ``fetch`` publishes the message again with ``x-attempt`` + 1 and acks the
+  original, so ``max_attempts`` holds across SIGKILLs. The copy goes to the back of the
+  queue (recovery waits for the backlog): RabbitMQ cannot rewrite a message in place, and
+  handing it on with the flag alone would forget the count at the next crash.
+- **Nothing graceful leaves a message to that rule.** Since a redelivery counts, a graceful
+  path never nacks and never closes a channel holding unsettled messages. A stop first
+  cancels the consumer (``stop_fetching``: ``basic.cancel``), so RabbitMQ pushes nothing
+  more; then every message fetched but not handled (the engine's buffer, then what is
+  still buffered here) is *released*: published again with the same attempt, then acked.
+  Released messages move to the back of the queue, in their order: the price of not
+  counting them (a nack would keep their place but set ``redelivered``, which cannot be
+  told from a crash). ``release`` and ``close`` cancel first themselves, for an engine
+  that does not call ``stop_fetching``.
+- **A copy and its ack commit together.** Retry, dead letter, release and the crash count
+  publish a copy and ack the original in one transaction on the consumer's channel
+  (``amqp_tx``), so a dropped connection cannot split a message in two. The channel is
+  a plain one (not aio-pika's robust channel, which could reopen and send the copy on a
+  new channel while the ack goes to the dead one): when it closes, ``fetch`` opens a new
+  one, and everything buffered from the old one is stale. A dead letter declares its
+  ``.dlq`` first: in a transaction an unroutable copy would be dropped, not refused.
+- **A failed settle requeues.** When a retry, dead letter or release fails (a publish
+  error; the transaction is rolled back), the original is nacked with requeue: not
+  stranded, and its prefetch slot is freed. Its redelivery counts an attempt (the handler
+  did run; for a release this is the one case where an unhandled message pays one).
+- **Stale deliveries are dropped.** Messages buffered from a channel that has since closed
+  were requeued by RabbitMQ already: ``fetch`` drops them, and settling one does nothing
+  but log. To keep that buffer here (where it is checked), a fetch hands out at most
+  ``concurrency`` messages. A dropped message was never handled, so when it comes back to
+  this consumer its ``redelivered`` flag is not counted (to another consumer it is: an
+  over-count, never an under-count).
+- **Foreign messages.** A message without ``message_id`` gets ``body-<hash of the body>``:
+  stable across redeliveries and the copies we publish (which carry it; a delivery tag is
+  per channel, so no use), but two identical bodies share it; a producer that needs them
+  told apart sets ``message_id``.
+
+Where a duplicate handling can still come from (each time counted as an attempt):
+a handler running when its consumer dies or loses its connection (its ack is lost); the
+plain acks of the last 5 ms, not yet committed (``amqp_tx``), when that happens; up to
+``concurrency`` messages already handed to the engine but not started when the connection
+drops (the engine does not ask before starting a handler); a RabbitMQ node failing in the
+middle of a commit (RabbitMQ makes a transaction atomic per queue only).
+"""
 
 import asyncio
+import hashlib
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.abc import AbstractChannel as Underlay
 
+from ..queue import Queue
 from ..transport import Delivery, Subscription, now_s
 from .amqp_codec import attempt_of, headers_of, sent_at_of
+from .amqp_tx import Step, Transactions
 
 if TYPE_CHECKING:
     from .amqp import AMQPBroker
 
 IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
+MAX_DROPPED_IDS = 10_000  # ids of stale deliveries remembered until they come back
 
 
 class AMQPSubscription(Subscription):
-    """A consumer on its own channel; RabbitMQ pushes up to the QoS prefetch."""
+    """A consumer on its own transactional channel; RabbitMQ pushes up to the QoS prefetch."""
 
-    def __init__(self, broker: 'AMQPBroker', queue: str, channel: AbstractChannel) -> None:
+    def __init__(self, broker: 'AMQPBroker', queue: Queue, capacity: int, hand_out: int) -> None:
         self._broker = broker
         self._queue = queue
-        self._channel = channel
+        self._name = queue.name
+        self._capacity = capacity  # the QoS prefetch
+        self._hand_out = hand_out  # most messages one fetch hands to the engine
         self._incoming: deque[AbstractIncomingMessage] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._amqp_queue: AbstractQueue | None = None
+        self._channel: AbstractChannel | None = None
+        self._underlay: Underlay | None = None  # the channel's aiormq channel
+        self._consuming: AbstractQueue | None = None
         self._tag: str | None = None
+        self._fetching = True
+        self._tx = Transactions(broker.log, queue.name, eager=capacity // 2)
+        # Ids of messages dropped as stale: never handled, so their redelivery is no attempt.
+        self._dropped: set[str] = set()
 
-    async def start(self, queue: AbstractQueue) -> None:
-        """Start the push of messages into this subscription's buffer."""
-        self._amqp_queue = queue
-        self._tag = await queue.consume(self._on_message, no_ack=False)
+    async def open(self) -> None:
+        """Open a transactional channel, declare the queues, start the push into the buffer."""
+        connection = await self._broker.connection()
+        channel = aio_pika.Channel(connection, publisher_confirms=False)
+        await channel.initialize()
+        try:
+            await channel.set_qos(prefetch_count=self._capacity)
+            consuming = await self._broker.declare(channel, self._queue)
+            await channel.declare_queue(f'{self._name}.dlq', durable=True)
+            underlay = await channel.get_underlay_channel()
+            await self._tx.select(underlay)
+            channel.close_callbacks.add(lambda *_: self._wake())
+            channel.return_callbacks.add(self._on_return)
+            self._tag = await consuming.consume(self._on_message, no_ack=False)
+        except BaseException:
+            await _close(channel)
+            raise
+        self._channel, self._underlay, self._consuming = channel, underlay, consuming
+        if not self._fetching:  # stopped while this opened
+            await self._cancel()
+
+    def _closed(self) -> bool:
+        return self._channel is None or self._channel.is_closed
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._incoming.append(message)
+        self._wake()
+
+    def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _on_return(self, *args: Any) -> None:
+        message = args[-1]  # declared before publishing, so this takes a queue deleted since
+        self._broker.log.error('A copy of message %s for %s was returned as unroutable: lost',
+                               getattr(message, 'message_id', '?'), self._name)
+
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
         incoming = self._incoming
-        if not incoming:
+        if self._fetching and self._closed():
+            await self.open()  # raises while RabbitMQ is away: the engine retries, backing off
+        if not incoming and self._fetching:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(IDLE_WAKE_S):
@@ -50,53 +141,160 @@ class AMQPSubscription(Subscription):
             finally:
                 self._waiter = None
         batch: list[Delivery] = []
-        while incoming and len(batch) < max_count:
+        limit = min(max_count, self._hand_out)
+        while self._fetching and incoming and len(batch) < limit:
             message = incoming.popleft()
-            if message.redelivered:
-                await self._count_redelivery(message)
-                continue
-            batch.append(Delivery(message.body, message.message_id or '', attempt_of(message),
-                                  message, headers_of(message), sent_at_of(message)))
+            if self._underlay_of(message) is None:
+                self._drop(message)
+            elif message.redelivered and not self._was_dropped(message):
+                try:
+                    await self._count_redelivery(message)
+                except BaseException:
+                    # Never orphan what was collected: hand it out, keep this one first.
+                    incoming.appendleft(message)
+                    if batch:
+                        self._broker.log.warning('Counting a redelivery on %s failed; will retry',
+                                                 self._name, exc_info=True)
+                        return batch
+                    raise
+            else:
+                batch.append(_delivery(message))
         return batch
 
     async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
-        # A classic queue does not count deliveries, and RabbitMQ redelivers a message when
-        # its consumer died holding it. Record that as an attempt, in the message itself, so
-        # that max_attempts holds across crashes: publish it again with x-attempt + 1.
+        # See the module's docstring: a redelivery is a crash, recorded in the message itself.
+        delivery = _delivery(message)
+        await self._move(delivery, self._name, delivery.attempt + 1, 'crash count', requeue=False)
+
+    async def stop_fetching(self) -> None:
+        self._fetching = False
+        self._wake()
+        await self._cancel()
+
+    async def _cancel(self) -> None:
+        consuming, tag, self._tag = self._consuming, self._tag, None
+        if consuming is None or tag is None or self._closed():
+            return
         try:
-            await self._broker.republish(self._queue, message.body, message.message_id or '',
-                                         attempt_of(message) + 1)
-            await message.ack()
-        except Exception:
-            await message.nack(requeue=True)
-            raise
+            await consuming.cancel(tag)
+        except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
+            self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
 
     async def ack(self, delivery: Delivery) -> None:
-        await delivery.handle.ack()
+        message: AbstractIncomingMessage = delivery.handle
+        underlay = self._underlay_of(message)
+        if underlay is None:
+            self._log_stale(message, 'not acked')
+            return
+        await self._tx.ack(underlay, message.ack)
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
-        await self._broker.republish(self._queue, delivery.body, delivery.message_id,
-                                     delivery.attempt + 1, max(delay, 0.001))
-        await delivery.handle.ack()
+        await self._move(delivery, self._name, delivery.attempt + 1, 'retry', max(delay, 0.001))
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
-        await self._broker.republish(
-            f'{self._queue}.dlq', delivery.body, delivery.message_id, delivery.attempt,
-            headers={'x-error': error, 'x-failed-at': now_s(), 'x-queue': self._queue})
-        await delivery.handle.ack()
+        await self._move(delivery, f'{self._name}.dlq', delivery.attempt, 'dead letter', headers={
+            'x-error': error, 'x-failed-at': now_s(), 'x-queue': self._name})
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        # Republished, not nacked: a redelivered message counts as a crash (see fetch).
+        # Before anything is given back: RabbitMQ must not push the copies (or more) to us.
+        await self.stop_fetching()
         for delivery in deliveries:
-            await self._broker.republish(self._queue, delivery.body, delivery.message_id,
-                                         delivery.attempt)
-            await delivery.handle.ack()
+            await self._move(delivery, self._name, delivery.attempt, 'release')
+
+    async def _move(self, delivery: Delivery, target: str, attempt: int, what: str,
+                    delay: float = 0.0, headers: dict[str, Any] | None = None,
+                    requeue: bool = True) -> None:
+        """Publish a copy of ``delivery`` to ``target`` and ack the original, atomically."""
+        message: AbstractIncomingMessage = delivery.handle
+        underlay, channel = self._underlay_of(message), self._channel
+        if underlay is None or channel is None:
+            self._log_stale(message, f'{what} skipped')
+            return
+        steps: list[Step] = []
+        if target != self._name:  # a copy to a queue deleted behind our back would be lost
+            steps.append(lambda: channel.declare_queue(target, durable=True))
+        steps.append(lambda: self._broker.republish(
+            target, delivery.body, delivery.message_id, attempt, delay, headers=headers,
+            user_headers=delivery.headers, sent_at=delivery.sent_at, channel=channel))
+        steps.append(message.ack)
+        try:
+            await self._tx.atomically(underlay, *steps)
+        except Exception as exc:
+            if not requeue:
+                raise
+            # Requeued rather than stranded: unsettled, it would also hold a prefetch slot.
+            self._broker.log.warning('%s of message %s on %s failed (%r): requeued; its '
+                                     'redelivery counts an attempt', what.capitalize(),
+                                     delivery.message_id, self._name, exc)
+            await self._requeue(message, underlay)
+
+    async def _requeue(self, message: AbstractIncomingMessage, underlay: Underlay) -> None:
+        if underlay.is_closed:
+            return  # RabbitMQ requeued it with the channel
+        try:
+            await self._tx.atomically(underlay, lambda: message.nack(requeue=True))
+        except Exception as exc:
+            self._broker.log.info('Requeueing a message of %s failed: %r', self._name, exc)
 
     async def close(self) -> None:
         try:
-            if self._amqp_queue is not None and self._tag is not None:
-                await self._amqp_queue.cancel(self._tag)
+            await self.stop_fetching()
+            # Pushed but never fetched: released, as the engine's buffer was.
+            while self._incoming:
+                message = self._incoming.popleft()
+                if self._underlay_of(message) is None:
+                    continue
+                delivery = _delivery(message)
+                # A crash's count is still owed; a stale copy's never was.
+                if message.redelivered and not self._was_dropped(message):
+                    delivery.attempt += 1
+                await self._move(delivery, self._name, delivery.attempt, 'release')
+            await self._tx.close()
         finally:
-            # Unacked messages, buffered or not, go back to the queue when the channel closes.
-            self._incoming.clear()
-            await self._channel.close()
+            if self._channel is not None:
+                await _close(self._channel)
+
+    def _underlay_of(self, message: AbstractIncomingMessage) -> Underlay | None:
+        """The open channel ``message`` came on; None when stale (RabbitMQ requeued it)."""
+        underlay = self._underlay
+        try:
+            return underlay if message.channel is underlay and underlay is not None else None
+        except Exception:  # aio-pika raises ChannelInvalidStateError for a closed channel
+            return None
+
+    def _drop(self, message: AbstractIncomingMessage) -> None:
+        self._log_stale(message, 'dropped from the buffer')
+        if len(self._dropped) >= MAX_DROPPED_IDS:  # those went to other consumers
+            self._dropped.clear()
+        self._dropped.add(_message_id(message))
+
+    def _was_dropped(self, message: AbstractIncomingMessage) -> bool:
+        dropped = self._dropped
+        if not dropped:
+            return False
+        message_id = _message_id(message)
+        if message_id in dropped:
+            dropped.discard(message_id)
+            return True
+        return False
+
+    def _log_stale(self, message: AbstractIncomingMessage, what: str) -> None:
+        self._broker.log.info('Message %s of %s came from a closed channel (RabbitMQ delivers '
+                              'it again): %s', _message_id(message), self._name, what)
+
+
+def _delivery(message: AbstractIncomingMessage) -> Delivery:
+    return Delivery(message.body, _message_id(message), attempt_of(message), message,
+                    headers_of(message), sent_at_of(message))
+
+
+def _message_id(message: AbstractIncomingMessage) -> str:
+    """The sender's id; for a foreign message without one, a stable id from its body."""
+    return message.message_id or f'body-{hashlib.blake2b(message.body, digest_size=12).hexdigest()}'
+
+
+async def _close(channel: AbstractChannel) -> None:
+    try:
+        await channel.close()
+    except Exception:  # closed already, with its connection
+        pass
