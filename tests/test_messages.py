@@ -31,7 +31,6 @@ from .conftest import AMQP_DSN, Calls, unique, wait_until
 
 FAST = {'retry_delay': 0.01, 'retry_delay_max': 0.05}
 NO_REDIS_HEADERS = 'redis headers land with wip-redis'
-NO_AMQP_RETRY_HEADERS = 'amqp retries keep headers with wip-amqpc'
 
 
 @pytest.fixture
@@ -43,11 +42,9 @@ def needs_headers(request: pytest.FixtureRequest, broker_kind: str) -> None:
 
 @pytest.fixture
 def needs_headers_on_retry(request: pytest.FixtureRequest, broker_kind: str) -> None:
-    """On this branch a RabbitMQ retry republishes the body without the sender's headers."""
+    """Retries keep the sender's headers (type, user headers): Redis carries them with wip-redis."""
     if broker_kind == 'redis':
         request.applymarker(pytest.mark.xfail(reason=NO_REDIS_HEADERS, strict=False))
-    elif broker_kind == 'amqp':
-        request.applymarker(pytest.mark.xfail(reason=NO_AMQP_RETRY_HEADERS, strict=False))
 
 
 class Priority(enum.Enum):
