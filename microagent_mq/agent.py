@@ -135,13 +135,14 @@ class MicroAgent:
 
     def info(self) -> dict[str, Any]:
         """What this agent consumes, and through which broker."""
+        duplicates = {c.queue.name: c.duplicates for c in self._consumers}
         return {
             'name': type(self).__name__,
             'broker': self.broker.info() if self.broker is not None else None,
             'consumers': [
                 {'queue': spec.queue.name, 'handler': attr, 'timeout': spec.timeout,
                  'dto_class': spec.dto_class.__name__ if spec.dto_class else None,
-                 'options': spec.options}
+                 'options': spec.options, 'duplicates': duplicates.get(spec.queue.name, 0)}
                 for attr, spec in self._consumer_specs.items()
             ],
         }

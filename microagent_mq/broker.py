@@ -18,13 +18,15 @@ from .consumer import Consumer
 from .dsn import mask_dsn
 from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, SerializingError
+from .idempotency import Idempotency
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, Subscription
 
 __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
 
-SEND_OPTIONS = frozenset({'topic', 'delay'})
+SEND_OPTIONS = frozenset({'topic', 'delay', 'message_id'})
+MAX_MESSAGE_ID = 200  # characters: a caller's own stable id (an outbox row's, say)
 MAX_DELAY_S = 365 * 24 * 3600  # a year: beyond that a delay is a mistake, not a schedule
 Message = str | bytes | dict[str, Any]
 
@@ -65,7 +67,9 @@ class AbstractQueueBroker(ABC):
         """Write a message to queue ``name`` (or to every queue bound to exchange ``name``).
 
         ``message``: serialized JSON object (a dict is serialized for you).
-        ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered.
+        ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered;
+        ``message_id=``: the caller's stable id (1 to 200 characters) instead of a fresh one,
+        so a message sent again (an outbox relay's retry) is known as the same message.
         """
         await self._publish([self._outgoing(name, message, kwargs)])
 
@@ -83,7 +87,8 @@ class AbstractQueueBroker(ABC):
         async with self._binding:
             if name in self._runners:
                 return
-            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log)
+            guard = Idempotency(consumer, self, self.log) if consumer.config.idempotent else None
+            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log, guard)
             self._runners[name] = runner
             runner.start()
         self.log.info('Consuming %s with %s', name, consumer.name)
@@ -229,7 +234,13 @@ class AbstractQueueBroker(ABC):
                 self.log.debug('No queue of exchange %s takes topic %r: not stored', name, topic)
         else:
             targets, exchange = (name,), ''
-        message_id = f'{self._id_prefix}{next(self._ids):x}'
+        message_id = options.get('message_id')
+        if message_id is None:
+            message_id = f'{self._id_prefix}{next(self._ids):x}'
+        elif not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID:
+            shown = repr(message_id)[:60]
+            raise ConfigurationError(f'invalid message_id {shown}: a non-empty str of at most '
+                                     f'{MAX_MESSAGE_ID} characters expected')
         return Outgoing(body, message_id, targets, exchange, topic, float(delay),
                         sent_at=time.time())
 

@@ -32,6 +32,7 @@ class Consumer:
     dto_class: type | None = None
     dto_name: str | None = None
     config: ConsumerOptions = field(init=False, repr=False)
+    duplicates: int = field(default=0, init=False)  # idempotent=True: messages seen before, skipped
 
     def __post_init__(self) -> None:
         if self.queue.is_exchange:
@@ -102,6 +103,7 @@ class Consumer:
             'dto_class': self.dto_class.__name__ if self.dto_class else None,
             'dto_name': self.dto_name,
             'options': self.options,
+            'duplicates': self.duplicates,
         }
 
 

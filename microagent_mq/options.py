@@ -21,6 +21,10 @@ class ConsumerOptions:
     ``visibility_timeout``: seconds an unacknowledged message stays reserved for this
     consumer (Redis); ``None`` derives it from the handler's timeout.
     ``stop_grace``: seconds ``stop()`` waits for running handlers before cancelling them.
+    ``idempotent``: a message id already handled successfully within ``idempotency_window``
+    seconds is acknowledged without calling the handler (see docs/outbox.md).
+    ``idempotency_store``: where handled ids are kept: a ``redis://`` / ``memory://`` DSN or an
+    ``IdempotencyStore`` object; ``None``: the broker's own Redis, or process memory.
     """
 
     max_attempts: int = 5
@@ -30,6 +34,9 @@ class ConsumerOptions:
     retry_delay_max: float = 300.0
     visibility_timeout: float | None = None
     stop_grace: float = 30.0
+    idempotent: bool = False
+    idempotency_window: float = 24 * 3600.0
+    idempotency_store: Any = None
 
     @classmethod
     def parse(cls, options: dict[str, Any], timeout: float) -> 'ConsumerOptions':
@@ -47,6 +54,13 @@ class ConsumerOptions:
         _require('prefetch', self.prefetch, int, minimum=0)
         for name in ('retry_delay', 'retry_delay_max', 'stop_grace'):
             _require(name, getattr(self, name), (int, float), minimum=0)
+        if not isinstance(self.idempotent, bool):
+            raise ConfigurationError(f'consumer option idempotent={self.idempotent!r}: expected a bool')
+        _require('idempotency_window', self.idempotency_window, (int, float), minimum=1)
+        store = self.idempotency_store
+        if store is not None and not isinstance(store, str) and not callable(getattr(store, 'seen', None)):
+            raise ConfigurationError(f'consumer option idempotency_store={store!r}: expected a DSN '
+                                     f'or an object with async seen() and record()')
         if self.visibility_timeout is not None:
             _require('visibility_timeout', self.visibility_timeout, (int, float), minimum=0)
             if self.visibility_timeout <= timeout:
