@@ -51,7 +51,20 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument('--delay', type=float, default=0.0)
     length = commands.add_parser('length', parents=[common], help='print a queue length')
     length.add_argument('queue')
+    _add_outbox(commands, common)
     return root
+
+
+def _add_outbox(commands: Any, common: argparse.ArgumentParser) -> None:
+    # `outbox relay` needs the [outbox] extra: without it the command says so when used.
+    try:
+        from .outbox.cli import add_parser
+    except ImportError:
+        outbox = commands.add_parser('outbox', help="the transactional outbox (pip install "
+                                     "'microagent-mq[outbox]')")
+        outbox.add_argument('rest', nargs=argparse.REMAINDER)
+        return
+    add_parser(commands, common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = _loop_runner(args.uvloop)
             with runner:
                 runner.run(run_agents(broker, agents, args.grace))
+        elif args.command == 'outbox':
+            if not hasattr(args, 'db'):
+                raise CLIError("outbox commands need SQLAlchemy: pip install 'microagent-mq[outbox]'")
+            from .outbox.cli import run_relay
+            asyncio.run(run_relay(broker, args))
         elif args.command == 'send':
             asyncio.run(send(broker, args.queue, args.message, topic=args.topic, delay=args.delay))
         else:
