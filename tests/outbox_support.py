@@ -1,5 +1,7 @@
 """Shared by the outbox tests: databases (real PostgreSQL, SQLite files), a broker that records."""
 
+import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -45,3 +47,60 @@ class RecordingBroker(MemoryBroker):
             raise self.refuse
         await super()._publish(batch)
         self.published.extend(m.message_id for m in batch)
+
+
+class Proxy:
+    """A TCP proxy the test owns: ``down()`` refuses and cuts every connection, ``up()`` listens again."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, '127.0.0.1', self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def up(self) -> None:
+        await self.start()
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        await self.down()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        pipes = [asyncio.create_task(self._pipe(reader, up_writer)),
+                 asyncio.create_task(self._pipe(up_reader, writer))]
+        self._tasks.update(pipes)
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for task in pipes:
+            task.cancel()
+        for w in (writer, up_writer):
+            w.transport.abort()
+            self._writers.discard(w)
+        self._tasks.difference_update(pipes)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()

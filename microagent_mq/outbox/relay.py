@@ -52,6 +52,7 @@ class OutboxRelay:
         self.retry_max = float(retry_max)
         self.log = log or logging.getLogger('microagent_mq.outbox')
         self.published = 0  # rows published by this relay (a row published twice counts twice)
+        self.failures = 0  # passes that failed (broker or database down), in total
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -137,6 +138,7 @@ class OutboxRelay:
                 settled = await self.run_once()
             except Exception as exc:  # the broker or the database is down: rows wait, we retry
                 failures += 1
+                self.failures += 1
                 pause = min(0.1 * 2 ** min(failures, 16), self.retry_max)
                 self.log.warning('Outbox relay pass failed (%r); retrying in %.1fs', exc, pause)
                 await self._sleep(pause)
