@@ -218,3 +218,44 @@ async def test_relay_options_are_checked(outbox: Outbox, broker: RecordingBroker
         OutboxRelay(outbox, broker, poll_interval=-1)
     with pytest.raises(ConfigurationError, match='batch_size'):
         OutboxRelay(outbox, broker, batch_size=0)
+
+
+async def test_transactional_joins_the_callers_transaction(outbox: Outbox) -> None:
+    Queue('q1')
+
+    @transactional(outbox=outbox)
+    async def step(session: AsyncSession) -> None:
+        register_event('q1', {'n': 1})
+
+    with pytest.raises(RuntimeError):
+        async with AsyncSession(outbox.engine) as session, session.begin():
+            await step(session)
+            raise RuntimeError('the caller rolls back')
+    assert await outbox.pending() == 0
+    async with AsyncSession(outbox.engine) as session, session.begin():
+        await step(session)
+    assert await outbox.pending() == 1
+
+
+@pytest.mark.parametrize('engine', ['postgres'], indirect=True)
+async def test_notify_wakes_the_relay_even_after_its_listen_connection_died(
+        outbox: Outbox, broker: RecordingBroker) -> None:
+    Queue('q1')
+    relay = OutboxRelay(outbox, broker, poll_interval=300)  # only a NOTIFY can wake it in time
+    await relay.start()
+    try:
+        for n in range(2):
+            async with AsyncSession(outbox.engine) as session, session.begin():
+                await outbox.add(session, 'q1', {'n': n})
+            # Marked sent: the pass is over and the relay is asleep again (only a wake-up helps).
+            await wait_until(lambda n=n: _sent_is(outbox, n + 1), what=f'message {n} published')
+            listening = relay._pg
+            await listening.close()  # the fault: the relay's own LISTEN connection is gone
+            await wait_until(lambda listening=listening: relay._pg is not None and relay._pg is not listening,
+                             what='the relay to listen again')
+    finally:
+        await relay.stop()
+
+
+async def _sent_is(outbox: Outbox, count: int) -> bool:
+    return await outbox.sent() == count

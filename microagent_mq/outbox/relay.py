@@ -57,6 +57,7 @@ class OutboxRelay:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._listener: AsyncConnection | None = None
+        self._pg: Any = None  # the asyncpg connection that LISTENs
         self._purged_at = 0.0
 
     async def start(self) -> None:
@@ -147,6 +148,7 @@ class OutboxRelay:
                 self.log.warning('Outbox relay works again after %d failed passes', failures)
                 failures = 0
             if settled < self.batch_size:
+                await self._keep_listening()
                 await self._sleep(self.poll_interval)
 
     async def _sleep(self, seconds: float) -> None:
@@ -163,18 +165,33 @@ class OutboxRelay:
         raw = await conn.get_raw_connection()
         pg: Any = raw.driver_connection
         await pg.add_listener(self.outbox.channel, self._notified)
-        self._listener = conn
+        pg.add_termination_listener(self._notified)  # lost: wake up, then listen again
+        self._listener, self._pg = conn, pg
+
+    async def _keep_listening(self) -> None:
+        # A database restart closes the LISTEN connection: listen again (until then, poll).
+        if self._pg is None or not self._pg.is_closed():
+            return
+        self.log.warning('Outbox relay lost its LISTEN connection; listening again')
+        try:
+            await self._unlisten()
+            await self._listen()
+            self._wake.set()  # commits may have gone unheard meanwhile
+        except Exception as exc:
+            self.log.warning('Could not listen on %s (%r); polling meanwhile', self.outbox.channel, exc)
 
     def _notified(self, *_: object) -> None:
         self._wake.set()
 
     async def _unlisten(self) -> None:
-        conn, self._listener = self._listener, None
+        conn, pg, self._listener, self._pg = self._listener, self._pg, None, None
         if conn is not None:
             try:
-                raw = await conn.get_raw_connection()
-                pg: Any = raw.driver_connection
-                await pg.remove_listener(self.outbox.channel, self._notified)
+                if pg.is_closed():  # never hand a dead connection back to the pool
+                    await conn.invalidate()
+                else:
+                    await pg.remove_listener(self.outbox.channel, self._notified)
+                    pg.remove_termination_listener(self._notified)
+                await conn.close()
             except Exception:
                 self.log.warning('Could not stop listening on %s', self.outbox.channel, exc_info=True)
-            await conn.close()

@@ -33,7 +33,8 @@ def set_default_outbox(outbox: Outbox | None) -> None:
 def transactional(func: Callable[P, Awaitable[R]] | None = None, *, outbox: Outbox | None = None) -> Any:
     """Run an async function taking an ``AsyncSession`` (first argument or ``session=``) in a
     transaction: commit when it returns, roll back when it raises. Events it registered are
-    written to the outbox just before the commit, so they are sent only if it commits.
+    written to the outbox just before the commit, so they are sent only if it commits. A
+    session already in a transaction is used as it is (its owner commits or rolls back).
 
     A call inside another ``@transactional`` call joins the outer transaction.
     """
@@ -53,16 +54,23 @@ def transactional(func: Callable[P, Awaitable[R]] | None = None, *, outbox: Outb
             state = _Transaction(chosen)
             token = _current.set(state)
             try:
+                if session.in_transaction():  # the caller's transaction: the caller commits
+                    return await _run(fn, state, session, *args, **kwargs)
                 async with session.begin():
-                    result = await fn(*args, **kwargs)
-                    for row in state.rows:
-                        await chosen.add(session, row['queue'], row['data'], **row['options'])
+                    return await _run(fn, state, session, *args, **kwargs)
             finally:
                 _current.reset(token)
-            return result
         return wrapper
 
     return decorate if func is None else decorate(func)
+
+
+async def _run(fn: Callable[P, Awaitable[R]], state: _Transaction, session: AsyncSession,
+               *args: P.args, **kwargs: P.kwargs) -> R:
+    result = await fn(*args, **kwargs)
+    for row in state.rows:
+        await state.outbox.add(session, row['queue'], row['data'], **row['options'])
+    return result
 
 
 def register_event(message_or_queue: Any, data: Any = None, **send_options: Any) -> None:
