@@ -135,14 +135,19 @@ class MicroAgent:
 
     def info(self) -> dict[str, Any]:
         """What this agent consumes, and through which broker."""
-        duplicates = {c.queue.name: c.duplicates for c in self._consumers}
         return {
             'name': type(self).__name__,
             'broker': self.broker.info() if self.broker is not None else None,
             'consumers': [
                 {'queue': spec.queue.name, 'handler': attr, 'timeout': spec.timeout,
                  'dto_class': spec.dto_class.__name__ if spec.dto_class else None,
-                 'options': spec.options, 'duplicates': duplicates.get(spec.queue.name, 0)}
+                 'options': spec.options, **self._duplicates(spec)}
                 for attr, spec in self._consumer_specs.items()
             ],
         }
+
+    def _duplicates(self, spec: ConsumerSpec) -> dict[str, int]:
+        """``duplicates`` of an ``idempotent=True`` consumer: messages acked unhandled, seen before."""
+        if not spec.options.get('idempotent'):
+            return {}
+        return {'duplicates': sum(c.duplicates for c in self._consumers if c.queue is spec.queue)}

@@ -103,7 +103,7 @@ class Consumer:
             'dto_class': self.dto_class.__name__ if self.dto_class else None,
             'dto_name': self.dto_name,
             'options': self.options,
-            'duplicates': self.duplicates,
+            **({'duplicates': self.duplicates} if self.config.idempotent else {}),
         }
 
 
