@@ -124,8 +124,8 @@ async def _none_pending(outbox: Outbox) -> bool:
     return await outbox.pending() == 0
 
 
-@pytest.mark.parametrize('outbox', ['postgres'], indirect=True)
 async def test_two_relays_never_publish_one_row_both(outbox: Outbox) -> None:
+    """PostgreSQL: each pass locks its rows (SKIP LOCKED); SQLite: a pass takes the write lock."""
     Queue('q1')
     await fill(outbox, 'q1', 600)
     hub = f'memory://{unique("ns")}'
@@ -139,7 +139,9 @@ async def test_two_relays_never_publish_one_row_both(outbox: Outbox) -> None:
     await asyncio.gather(*(drain(r) for r in relays))
     first, second = (set(b.published) for b in brokers)
     assert not first & second
-    assert len(first | second) == 600 and first and second  # both took part
+    assert len(first | second) == 600
+    if outbox.dialect == 'postgresql':  # SQLite's busy wait may let one relay do everything
+        assert first and second
     assert await outbox.pending() == 0
 
 

@@ -4,7 +4,7 @@ At least once: rows are marked sent in the same transaction that selected them, 
 were published, so a relay killed in between publishes them again (an ``idempotent=True``
 consumer skips the copy). PostgreSQL locks the rows it took (``FOR UPDATE SKIP LOCKED``), so
 relays running at once never publish one row twice in a pass; SQLite takes its write lock
-first, so relays take turns.
+first, so one relay works at a time.
 """
 
 import asyncio
