@@ -18,12 +18,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..broker import AbstractQueueBroker
-from ..exceptions import ConfigurationError, SerializingError
+from ..exceptions import ConfigurationError, QueueNotFound, SerializingError
 from .store import FAILED, PENDING, SENT, Outbox
 
-# Errors no retry can mend: an undeclared queue (QueueNotFound is a ConfigurationError's
-# sibling, both QueueException), a bad option or body. The row is marked failed.
-PERMANENT = (ConfigurationError, SerializingError, AttributeError)
+# Errors no retry can mend: an undeclared queue, a bad option or body. The row is marked
+# failed. Anything else (QueueFull, a lost connection) leaves it pending, retried.
+PERMANENT = (QueueNotFound, ConfigurationError, SerializingError)
 PURGE_EVERY_S = 60.0
 
 
