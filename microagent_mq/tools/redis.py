@@ -12,6 +12,8 @@ handler had started, or when an ack is lost with its connection.
 """
 
 import asyncio
+import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -72,6 +74,9 @@ class RedisBroker(AbstractQueueBroker):
         self._delayed_watch: set[str] = set()
         self._mover: asyncio.Task[None] | None = None
         self._mover_stop = asyncio.Event()
+        # Marks of publishes done (see _sent_mark): this sender's own, counted.
+        self._sender = os.urandom(6).hex()
+        self._publishes = itertools.count()
 
     # keys -------------------------------------------------------------------------------
 
@@ -143,7 +148,7 @@ class RedisBroker(AbstractQueueBroker):
             message = batch[0]
             if (len(batch) == 1 and len(message.queues) == 1 and not message.delay
                     and message.headers is None):
-                mark, offset = self._sent_mark(message.message_id)
+                mark, offset = self._sent_mark()
                 await scripts.send_one(keys=(mark, self.stream_key(message.queues[0])),
                                      args=(SENT_MARK_TTL_S, offset, message.body,
                                            message.message_id, message.sent_at))
@@ -154,20 +159,14 @@ class RedisBroker(AbstractQueueBroker):
         except ERRORS as exc:  # as guard() does, without a context manager on the hot path
             raise self._unavailable(exc) from exc
 
-    def _sent_mark(self, message_id: str) -> tuple[str, int | str]:
-        """The mark that a publish ran, and its bit: one bitmap per 65,536 ids of a sender."""
-        sender, _, counter = message_id.rpartition('-')
-        try:
-            number = int(counter, 16)
-        except ValueError:
-            number = -1
-        if not sender or number < 0:  # an id not made by _outgoing: a mark of its own
-            return f'{self.prefix}sent:{message_id}', ''
-        return f'{self.prefix}sent:{sender}:{number >> 16:x}', number & 0xFFFF
+    def _sent_mark(self) -> tuple[str, int]:
+        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them."""
+        number = next(self._publishes)
+        return f'{self.prefix}sent:{self._sender}:{number >> 16:x}', number & 0xFFFF
 
     def _publish_args(self, batch: Sequence[Outgoing]) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order."""
-        mark, offset = self._sent_mark(batch[0].message_id)
+        mark, offset = self._sent_mark()
         keys = [mark]
         index: dict[str, int] = {}
         records: dict[str, list[list[Any]]] = {}

@@ -7,13 +7,10 @@ mark first, a settlement acts only on an entry still pending for its consumer.
 
 from typing import Any
 
-# Mark a publish as done, once: KEYS[1] the mark, ARGV[1] its TTL (s), ARGV[2] a bit offset
-# ('' when the mark is a key of its own). Returns false when the publish already ran.
+# Mark a publish as done, once: a bit of a sender's bitmap (KEYS[1]), with a TTL (s).
+# Returns false when the publish already ran (a retry after a lost reply).
 _FIRST_TIME = """
 local function first_time(mark, ttl, offset)
-    if offset == '' then
-        return redis.call('SET', mark, '1', 'NX', 'EX', ttl) ~= false
-    end
     if redis.call('SETBIT', mark, offset, 1) == 1 then
         return false
     end
@@ -22,14 +19,14 @@ local function first_time(mark, ttl, offset)
 end
 """
 
-# One plain message to one stream. KEYS: mark, stream. ARGV: ttl, offset, body, id, ts.
+# One plain message to one stream. KEYS: mark, stream. ARGV: ttl, bit, body, id, ts.
 SEND_ONE = _FIRST_TIME + """
 if not first_time(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[2], '*', 'body', ARGV[3], 'id', ARGV[4], 'ts', ARGV[5])
 return 1
 """
 
-# Any batch, all or nothing. KEYS: mark, then the target keys. ARGV: ttl, offset, records:
+# Any batch, all or nothing. KEYS: mark, then the target keys. ARGV: ttl, bit, records:
 #   'P', key index, count, then count x (body, id, ts)      plain messages to a stream
 #   'F', key index, due ms (0: now), n, then n field values  one entry, or a delayed member
 # A delayed member is the JSON array of the entry's fields, in a sorted set scored by due ms.
