@@ -1,6 +1,6 @@
 """Data source names: checked once, and never shown with their password."""
 
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 from .exceptions import InvalidDSN
 
@@ -21,14 +21,23 @@ def parse_dsn(dsn: str, schemes: tuple[str, ...]) -> SplitResult:
     return parts
 
 
+SECRET_PARAMS = frozenset({'password', 'passwd', 'pass', 'secret', 'token'})
+
+
 def mask_dsn(dsn: str) -> str:
-    """``dsn`` with its password replaced by ``***``."""
+    """``dsn`` with its password replaced by ``***``, in the netloc and in the query."""
     try:
         parts = urlsplit(dsn)
     except ValueError:
         return '<malformed DSN>'
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key.lower() in SECRET_PARAMS for key, _ in pairs):
+            parts = parts._replace(query=urlencode(
+                [(key, '***' if key.lower() in SECRET_PARAMS else value) for key, value in pairs],
+                safe='*'))
     if parts.password is None:
-        return dsn
+        return parts.geturl()
     user = parts.username or ''
     host = parts.netloc.rpartition('@')[2]
     return parts._replace(netloc=f'{user}:***@{host}').geturl()

@@ -193,3 +193,31 @@ async def _length_zero(broker: RedisBroker, name: str) -> bool:
     client: Any = broker.client
     summary = await client.xpending(broker.stream_key(name), 'microagent_mq')
     return int(summary['pending']) == 0 and await broker.queue_length(name) == 0
+
+
+@pytest.mark.parametrize('own_redis', [['--requirepass', 's3cret']], indirect=True)
+async def test_password_in_dsn_query_stays_secret(own_redis: tuple[int, Any],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Item 15: ``?password=`` never shows in repr, info(), errors or logs."""
+    port, _ = own_redis
+    queue = Queue(unique())
+    broker = RedisBroker(f'redis://127.0.0.1:{port}/0?password=s3cret')
+    await broker.send(queue.name, {'a': 1})
+    assert await broker.queue_length(queue.name) == 1
+    assert 's3cret' not in repr(broker) and 's3cret' not in str(broker.info())
+    await broker.close()
+    wrong = RedisBroker(f'redis://127.0.0.1:{port}/0?password=wrong-s3cret', send_retries=0)
+    with pytest.raises(BrokerUnavailable, match=r'password=\*\*\*') as raised:
+        await wrong.send(queue.name, {'a': 1})
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, a: int) -> None:
+            pass
+
+    with pytest.raises(BrokerUnavailable) as on_bind:
+        await Agent(broker=wrong).start()
+    for text in (str(raised.value), str(on_bind.value), repr(wrong), str(wrong.info()),
+                 caplog.text):
+        assert 's3cret' not in text
+    await wrong.close()
