@@ -223,16 +223,20 @@ class RedisSubscription(Subscription):
 
     async def extend(self, delivery: Delivery) -> bool:
         # One script: renewed only if still ours, so a takeover is never undone.
-        lost = await self.renew([delivery.handle])
-        if lost:
+        gone = await self._scripts.renew(keys=[self._stream],
+                                         args=[GROUP, self._name, delivery.handle])
+        if gone:
+            self._held.discard(delivery.handle)
             return False
         delivery.received_at = time.monotonic()
         return True
 
     async def renew(self, handles: Sequence[bytes]) -> list[bytes]:
         """Renew the hold on ``handles``; returns those another consumer took over."""
-        lost: list[bytes] = await self._scripts.renew(keys=[self._stream],
+        gone: list[bytes] = await self._scripts.renew(keys=[self._stream],
                                                       args=[GROUP, self._name, *handles])
+        # Settled meanwhile is not lost: only those still held here were taken over.
+        lost = [handle for handle in gone if handle in self._held]
         self._held.difference_update(lost)
         return lost
 
