@@ -148,3 +148,24 @@ async def test_reject_whose_reply_is_lost_dead_letters_once(
     client: Any = direct.client
     summary = await client.xpending(direct.stream_key(queue.name), GROUP)
     assert int(summary['pending']) == 0
+
+
+async def test_read_whose_reply_is_lost_costs_no_attempt(
+        proxied: tuple[LostReplyProxy, RedisBroker, RedisBroker]) -> None:
+    """The entries of a read whose reply was lost wait in this consumer's pending list; it
+    takes them back after the visibility timeout as the attempt they were (no handler ran)."""
+    proxy, through, direct = proxied
+    queue = Queue(unique())
+    handled: list[int] = []
+
+    class Agent(MicroAgent):
+        @consumer(queue, timeout=0.5, visibility_timeout=1, max_attempts=1)
+        async def handle(self, n: int) -> None:
+            handled.append(n)
+
+    await direct.send(queue.name, {'n': 1})
+    proxy.lose_reply_to(b'XREADGROUP')
+    await Agent(broker=through).start()
+    await wait_until(lambda: handled == [1], what='the message handled')
+    assert proxy.lost == 1
+    assert await direct.dead_letters(queue.name) == []
