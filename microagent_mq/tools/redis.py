@@ -35,14 +35,13 @@ from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..transport import DeadLetter, Outgoing, Subscription
-from .redis_codec import due_ms, entry_fields
+from .redis_codec import due_ms, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
 from .redis_scripts import Scripts
 
 DELAYED_POLL_S = 0.05
 MOVE_BATCH = 1000  # delayed messages moved per queue per command; again at once while more
 REQUEUE_BATCH = 100
-SENT_MARK_TTL_S = 300  # far beyond redis-py's retries of one send
 # A consumer's hold on a message it fetched, renewed on a heartbeat while it lives: a crashed
 # consumer's messages go to another after this long, however long handlers may take.
 DEFAULT_VISIBILITY_S = 10.0
@@ -78,6 +77,7 @@ class RedisBroker(AbstractQueueBroker):
         # Marks of publishes done (see _sent_mark): this sender's own, counted.
         self._sender = os.urandom(6).hex()
         self._publishes = itertools.count()
+        self._mark_block, self._mark_key = -1, ''
 
     # keys -------------------------------------------------------------------------------
 
@@ -160,8 +160,8 @@ class RedisBroker(AbstractQueueBroker):
     async def _send_one(self, message: Outgoing, scripts: Scripts) -> None:
         """The common send, as cheap as can be: EVALSHA straight, no script wrapper."""
         mark, offset = self._sent_mark()
-        args = (mark, self.stream_key(message.queues[0]), SENT_MARK_TTL_S, offset, message.body,
-                message.message_id, message.sent_at)
+        args = (mark, self.stream_key(message.queues[0]), offset, message.body,
+                message.message_id, ts_ms(message.sent_at))
         try:
             await self.client.evalsha(scripts.send_one.sha, 2, *args)
         except NoScriptError:  # Redis restarted, or another server: load it and run it
@@ -170,7 +170,11 @@ class RedisBroker(AbstractQueueBroker):
     def _sent_mark(self) -> tuple[str, int]:
         """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them."""
         number = next(self._publishes)
-        return f'{self.prefix}sent:{self._sender}:{number >> 16:x}', number & 0xFFFF
+        block = number >> 16
+        if block != self._mark_block:
+            self._mark_block = block
+            self._mark_key = f'{self.prefix}sent:{self._sender}:{block:x}'
+        return self._mark_key, number & 0xFFFF
 
     def _publish_args(self, batch: Sequence[Outgoing]) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order."""
@@ -195,11 +199,12 @@ class RedisBroker(AbstractQueueBroker):
                     key = self.delayed_key(queue) if due else self.stream_key(queue)
                     own.append(['F', key_index(key), due, len(fields), *fields])
                     continue
-                if not own or own[-1][0] != 'P':
-                    own.append(['P', key_index(self.stream_key(queue)), 0])
+                if not own or own[-1][0] != 'P':  # one ts for the batch: sent in one call
+                    own.append(['P', key_index(self.stream_key(queue)), 0,
+                                ts_ms(message.sent_at)])
                 own[-1][2] += 1
-                own[-1] += (message.body, message.message_id, message.sent_at)
-        args: list[Any] = [SENT_MARK_TTL_S, offset]
+                own[-1] += (message.body, message.message_id)
+        args: list[Any] = [offset]
         for own in records.values():
             for record in own:
                 args += record

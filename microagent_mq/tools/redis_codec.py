@@ -2,7 +2,7 @@
 
 Fields: ``body`` (the user's JSON, the only one a foreign producer must write), ``id`` (the
 message id; the stream id when absent), ``attempt`` (only above 1), ``ts`` (when it was sent,
-epoch seconds), ``headers`` (JSON object; only when there are headers). Dead letters add
+epoch milliseconds, as on RabbitMQ), ``headers`` (JSON object; only when there are headers). Dead letters add
 ``error`` and ``failed_at``.
 """
 
@@ -25,10 +25,15 @@ def entry_fields(body: bytes, message_id: str, attempt: int, sent_at: float,
     if attempt > 1:
         fields += ('attempt', attempt)
     if sent_at:
-        fields += ('ts', sent_at)
+        fields += ('ts', ts_ms(sent_at))
     if headers is not None:
         fields += ('headers', orjson.dumps(headers))
     return fields
+
+
+def ts_ms(sent_at: float) -> int:
+    """The ``ts`` field of a message sent at ``sent_at`` (epoch seconds)."""
+    return int(sent_at * 1000)
 
 
 def due_ms(delay: float) -> int:
@@ -47,7 +52,7 @@ def to_delivery(entry_id: bytes, fields: dict[bytes, bytes], prior: int = 0) -> 
         return Delivery(fields[b'body'], fields[b'id'].decode(),
                         int(fields.get(b'attempt', 1)) + prior, entry_id,
                         None if headers is None else _headers(headers),
-                        0.0 if ts is None else float(ts))
+                        0.0 if ts is None else int(ts) / 1000)
     except (KeyError, ValueError, UnicodeDecodeError):
         return _foreign(entry_id, fields, prior)
 
@@ -64,7 +69,7 @@ def _foreign(entry_id: bytes, fields: dict[bytes, bytes], prior: int) -> Deliver
     message_id = fields.get(b'id', b'').decode(errors='replace') or entry_id.decode()
     attempt = max(_number(fields.get(b'attempt'), int, 1), 1)
     return Delivery(body, message_id, attempt + prior, entry_id, headers,
-                    _number(fields.get(b'ts'), float, 0.0))
+                    _number(fields.get(b'ts'), int, 0) / 1000)
 
 
 def _headers(raw: bytes) -> dict[str, Any]:

@@ -8,7 +8,7 @@ never handed out) is taken back out of that count when the entry is released.
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
@@ -95,7 +95,7 @@ class RedisSubscription(Subscription):
             return []
         if not reply:
             return []
-        return await self._deliveries([(entry_id, fields, 0) for entry_id, fields in reply[0][1]])
+        return await self._deliveries(reply[0][1])
 
     async def _read(self, acks: list[bytes], max_count: int) -> Any:
         client = self._broker.client
@@ -110,16 +110,20 @@ class RedisSubscription(Subscription):
                             block=BLOCK_MS)
             return (await pipe.execute())[-1]
 
-    async def _deliveries(self, entries: list[tuple[bytes, Any, int]]) -> list[Delivery]:
-        """Deliveries of entries now pending here; one bad entry never fails the others."""
+    async def _deliveries(self, entries: Iterable[tuple[bytes, Any]],
+                          priors: dict[bytes, int] | None = None) -> list[Delivery]:
+        """Deliveries of entries now pending here; one bad entry never fails the others.
+
+        ``priors``: per entry, deliveries before this one that may have run a handler.
+        """
         out = []
         held = self._held
-        for entry_id, fields, prior in entries:
+        for entry_id, fields in entries:
             if not fields:  # deleted from the stream meanwhile
                 continue
             held.add(entry_id)
             try:
-                out.append(to_delivery(entry_id, fields, prior))
+                out.append(to_delivery(entry_id, fields, priors[entry_id] if priors else 0))
             except MalformedEntry as exc:
                 await self._drop_malformed(entry_id, fields, str(exc))
         return out
@@ -144,7 +148,7 @@ class RedisSubscription(Subscription):
         reply: Any = await self._scripts.claim(
             keys=[self._stream],
             args=[GROUP, self._name, self._visibility_ms, max_count, RELEASED_IDLE_MS // 2])
-        entries, abandoned = [], 0
+        entries, priors, abandoned = [], {}, 0
         for entry_id, flat, count, state in reply:
             if state == 1:  # ours: a read that lost its reply, or a hold that lapsed
                 if entry_id in self._held:
@@ -152,12 +156,12 @@ class RedisSubscription(Subscription):
                 count = count if entry_id in self._unsettled else count - 1
             elif state == 0:
                 abandoned += 1
-            entries.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=True)),
-                            max(count, 0)))
+            entries.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=True))))
+            priors[entry_id] = max(count, 0)
         if abandoned:
             self._broker.log.warning('Took over %d message(s) of %s abandoned by other '
                                      'consumers', abandoned, self._queue)
-        return await self._deliveries(entries)
+        return await self._deliveries(entries, priors)
 
     async def ack(self, delivery: Delivery) -> None:
         # Acks are coalesced: the next fetch carries them (see _read); those it has not

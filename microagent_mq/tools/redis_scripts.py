@@ -7,40 +7,43 @@ mark first, a settlement acts only on an entry still pending for its consumer.
 
 from typing import Any
 
-# Mark a publish as done, once: a bit of a sender's bitmap (KEYS[1]), with a TTL (s).
+SENT_MARK_TTL_S = 300  # far beyond redis-py's retries of one send
+
+# Mark a publish as done, once: a bit of a sender's bitmap (KEYS[1]), kept SENT_MARK_TTL_S.
 # Returns false when the publish already ran (a retry after a lost reply).
-_FIRST_TIME = """
-local function first_time(mark, ttl, offset)
+_FIRST_TIME = f"""
+local function first_time(mark, offset)
     if redis.call('SETBIT', mark, offset, 1) == 1 then
         return false
     end
-    redis.call('EXPIRE', mark, ttl)
+    redis.call('EXPIRE', mark, {SENT_MARK_TTL_S})
     return true
 end
 """
 
-# One plain message to one stream. KEYS: mark, stream. ARGV: ttl, bit, body, id, ts.
+# One plain message to one stream. KEYS: mark, stream. ARGV: bit, body, id, ts.
 SEND_ONE = _FIRST_TIME + """
-if not first_time(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
-redis.call('XADD', KEYS[2], '*', 'body', ARGV[3], 'id', ARGV[4], 'ts', ARGV[5])
+if not first_time(KEYS[1], ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], '*', 'body', ARGV[2], 'id', ARGV[3], 'ts', ARGV[4])
 return 1
 """
 
-# Any batch, all or nothing. KEYS: mark, then the target keys. ARGV: ttl, bit, records:
-#   'P', key index, count, then count x (body, id, ts)      plain messages to a stream
+# Any batch, all or nothing. KEYS: mark, then the target keys. ARGV: bit, records:
+#   'P', key index, count, ts, then count x (body, id)       plain messages to a stream
 #   'F', key index, due ms (0: now), n, then n field values  one entry, or a delayed member
 # A delayed member is the JSON array of the entry's fields, in a sorted set scored by due ms.
 PUBLISH = _FIRST_TIME + """
-if not first_time(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
-local i = 3
+if not first_time(KEYS[1], ARGV[1]) then return 0 end
+local i = 2
 while i <= #ARGV do
     local key = KEYS[tonumber(ARGV[i + 1])]
     if ARGV[i] == 'P' then
         local count = tonumber(ARGV[i + 2])
-        local j = i + 3
+        local ts = ARGV[i + 3]
+        local j = i + 4
         for _ = 1, count do
-            redis.call('XADD', key, '*', 'body', ARGV[j], 'id', ARGV[j + 1], 'ts', ARGV[j + 2])
-            j = j + 3
+            redis.call('XADD', key, '*', 'body', ARGV[j], 'id', ARGV[j + 1], 'ts', ts)
+            j = j + 2
         end
         i = j
     else
