@@ -127,8 +127,8 @@ async def test_consumer_survives_a_redis_restart(own_redis: tuple[int, Any]) -> 
     await sending.send(queue.name, {'n': 1})
     await calls.wait_for(1)
     await asyncio.to_thread(restart)  # the data is gone with it: the group must come back
-    for n in range(2, 6):
-        await sending.send(queue.name, {'n': n})
+    await sending.send(queue.name, {'n': 2})  # its scripts are gone too: loaded again
+    await sending.send_many(queue.name, [{'n': n} for n in range(3, 6)])
     await wait_until(lambda: sorted({c['n'] for c in calls.items}) == [1, 2, 3, 4, 5],
                      timeout_s=30, what='messages after the restart')
     await agent.stop(grace=1)
