@@ -205,12 +205,15 @@ async def test_close_flushes_acks(brokers: Brokers) -> None:
 
 
 async def test_ack_after_broker_closed_does_not_reconnect(brokers: Brokers) -> None:
-    """Item 15: an ack timer that fires after close() must not make a new client."""
+    """Item 15: an ack timer (or a heartbeat) that fires after close() must not make a new
+    client."""
     broker, queue = brokers(), Queue(unique()).name
     sub = await subscription(broker, queue)
     await broker.send(queue, {'n': 1})
     [delivery] = await sub.fetch(10)
     await broker.close()
+    assert await sub.renew(sub.held()) == []  # a heartbeat after close does nothing
+    assert broker._client is None
     await sub.ack(delivery)  # arms the flush timer
     await wait_until(lambda: sub._ack_flush is not None and sub._ack_flush.done(),
                      what='the flush ran')
@@ -248,6 +251,7 @@ async def test_extend_never_undoes_a_takeover(brokers: Brokers) -> None:
     assert entry['consumer'] == b'other'
     assert renewed  # it held the message when it renewed it, in one command
     assert await mine.extend(delivery) is False  # it knows the message is gone
+    await mine.close()
 
 
 async def test_requeue_moves_a_snapshot_while_a_consumer_keeps_rejecting(

@@ -237,6 +237,8 @@ class RedisSubscription(Subscription):
 
     async def renew(self, handles: Sequence[bytes]) -> list[bytes]:
         """Renew the hold on ``handles``; returns those another consumer took over."""
+        if self._broker._connected is None:  # the broker closed: never connect again for this
+            return []
         gone: list[bytes] = await self._scripts.renew(keys=[self._stream],
                                                       args=[GROUP, self._name, *handles])
         # Settled meanwhile is not lost: only those still held here were taken over.
