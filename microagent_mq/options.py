@@ -22,8 +22,9 @@ class ConsumerOptions:
     ``concurrency``: handlers of this consumer running at once.
     ``prefetch``: messages fetched ahead of the free handlers (fewer round trips).
     ``retry_delay`` / ``retry_delay_max``: first backoff in seconds, doubling up to the cap.
-    ``visibility_timeout``: seconds an unacknowledged message stays reserved for this
-    consumer (Redis); ``None`` derives it from the handler's timeout.
+    ``visibility_timeout``: (Redis) seconds the messages of a consumer that stopped renewing
+    them (it died) stay hidden before another consumer takes them over; a live consumer
+    renews them every third of it, so handlers may run longer. ``None``: 10 s on Redis.
     ``stop_grace``: seconds ``stop()`` waits for running handlers before cancelling them.
 
     Per handler (see docs/messages.md): ``predicate``: ``fn(dto_or_kwargs) -> bool``, False
