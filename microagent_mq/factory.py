@@ -13,11 +13,13 @@ BROKERS = {
     'unix': ('microagent_mq.tools.redis', 'RedisBroker'),
     'amqp': ('microagent_mq.tools.amqp', 'AMQPBroker'),
     'amqps': ('microagent_mq.tools.amqp', 'AMQPBroker'),
+    'nats': ('microagent_mq.tools.nats', 'NATSBroker'),
+    'tls': ('microagent_mq.tools.nats', 'NATSBroker'),
 }
 
 
 def broker_from_dsn(dsn: str, **options: Any) -> AbstractQueueBroker:
-    """``memory://``, ``redis://``, ``rediss://``, ``amqp://`` or ``amqps://``: the broker for it."""
+    """``memory://``, ``redis://``, ``rediss://``, ``amqp(s)://``, ``nats://`` or ``tls://``: the broker for it."""
     scheme = parse_dsn(dsn, tuple(BROKERS)).scheme
     module, name = BROKERS[scheme]
     broker_class = getattr(importlib.import_module(module), name)
