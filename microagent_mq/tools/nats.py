@@ -10,6 +10,7 @@ what is not due with ``nak(delay=rest)``: no message ever waits behind another.
 """
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -239,7 +240,7 @@ class NATSBroker(AbstractQueueBroker):
             while not self._mover_stop.is_set():
                 try:
                     msgs = await pull.fetch(100, timeout=MOVER_FETCH_S)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 except Exception as exc:
                     if not failing:
@@ -328,8 +329,6 @@ class NATSBroker(AbstractQueueBroker):
 
 
 def _dead_letter(queue: str, msg: Any, seq: int) -> DeadLetter:
-    import json
-
     headers = msg.headers
     try:
         error = json.loads(headers.get(ERROR, '""')) if headers else ''
