@@ -1,7 +1,8 @@
 """``make bench``: every system, every scenario, each in a fresh process; medians of rounds.
 
 Prints a table with the ratio of microagent_mq to the raw client doing the same work, and
-writes ``bench/results.json``. Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672).
+writes ``bench/results.json``. Needs Redis (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and
+NATS with JetStream (127.0.0.1:4222).
 """
 
 import argparse
@@ -21,6 +22,9 @@ PLAN = {
               ('end_to_end', 5000, 'msg_per_s'), ('drain', 20_000, 'msg_per_s'),
               ('round_trip', 1000, 'p50_us')],
     'amqp': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
+             ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
+             ('round_trip', 1000, 'p50_us')],
+    'nats': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
              ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
              ('round_trip', 1000, 'p50_us')],
 }
