@@ -229,7 +229,8 @@ class NATSBroker(AbstractQueueBroker):
             durable_name=MOVER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=MOVER_ACK_WAIT_S,
             max_deliver=-1, max_ack_pending=-1))
         pull = await js.pull_subscribe_bind(MOVER, stream=stream)
-        self._mover_stop = asyncio.Event()
+        if self._mover_stop.is_set():  # set by an earlier close: this is a new start
+            self._mover_stop = asyncio.Event()
         self._movers[queue] = asyncio.create_task(self._move_delayed(queue, pull),
                                                   name=f'nats-delayed-mover:{queue}')
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 PULL_EXPIRES_S = 0.5  # an idle pull request ends this often, so a stop never waits long
 IDLE_WAKE_S = PULL_EXPIRES_S + 2.0  # a request whose end never came (a reconnect) is dropped
 HEARTBEAT = '100'
+FLUSH_TIMEOUT_S = 5
 
 
 class Handle:
@@ -203,4 +204,4 @@ class NATSSubscription(Subscription):
         finally:
             if self._sub is not None:
                 await self._sub.unsubscribe()
-            await self._broker.client.flush()
+            await self._broker.client.flush(timeout=FLUSH_TIMEOUT_S)  # the last acks out
