@@ -175,3 +175,18 @@ async def _cli(argv: list[str]) -> int:
     import asyncio
 
     return await asyncio.to_thread(main, argv)  # the CLI runs its own event loop
+
+
+async def test_consuming_goes_on_after_the_stream_is_deleted_behind_its_back(broker: Any) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handler(n: int) -> None:
+        calls.add({'n': n})
+
+    await start(broker, queue, handler)
+    await broker.send(queue.name, {'n': 1})
+    await calls.wait_for(1)
+    js = await broker.jetstream()
+    await js.delete_stream(f'{broker.prefix}-{queue.name}')  # the test's own stream
+    await broker.send(queue.name, {'n': 2})  # declared again by the send...
+    assert await calls.wait_for(2) == [{'n': 1}, {'n': 2}]  # ...and its consumer by the fetch

@@ -146,6 +146,10 @@ class NATSBroker(AbstractQueueBroker):
             duplicate_window=DUPLICATE_WINDOW_S, max_age=max_age))
         self._streams.add(name)
 
+    def forget_stream(self, name: str) -> None:
+        """Declare stream ``name`` again on next use (it may have been deleted)."""
+        self._streams.discard(name)
+
     async def ensure_queue(self, queue: str) -> None:
         await self.ensure_stream(self.names.stream(queue), self.names.subject(queue))
 
@@ -205,18 +209,24 @@ class NATSBroker(AbstractQueueBroker):
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         queue = consumer.queue.name
-        js = await self.jetstream()
-        await self.ensure_queue(queue)
-        # One durable consumer per queue, shared by all its consumers; the last to start
-        # sets the visibility (ack_wait) for all of them.
-        await js.add_consumer(self.names.stream(queue), api.ConsumerConfig(
-            durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=consumer.config.visibility(consumer.timeout), max_deliver=-1,
-            max_ack_pending=-1))
-        subscription = NATSSubscription(self, queue)
+        visibility = consumer.config.visibility(consumer.timeout)
+        await self.declare_consumer(queue, visibility)
+        subscription = NATSSubscription(self, queue, visibility)
         await subscription.start()
         await self._watch_delayed(queue)
         return subscription
+
+    async def declare_consumer(self, queue: str, visibility: float) -> None:
+        """The queue's stream and its durable consumer, created or (ack_wait) updated.
+
+        One durable consumer per queue, shared by all its consumers: the last to start sets
+        the visibility (ack_wait) for all of them.
+        """
+        js = await self.jetstream()
+        await self.ensure_queue(queue)
+        await js.add_consumer(self.names.stream(queue), api.ConsumerConfig(
+            durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=visibility,
+            max_deliver=-1, max_ack_pending=-1))
 
     async def _watch_delayed(self, queue: str) -> None:
         mover = self._movers.get(queue)

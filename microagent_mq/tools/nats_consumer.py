@@ -51,9 +51,11 @@ class Handle:
 class NATSSubscription(Subscription):
     """Pulls from the queue's durable consumer into a buffer the engine fetches from."""
 
-    def __init__(self, broker: 'NATSBroker', queue: str) -> None:
+    def __init__(self, broker: 'NATSBroker', queue: str, visibility_s: float) -> None:
         self._broker = broker
         self._queue = queue
+        self._visibility_s = visibility_s
+        self._lost = False  # the consumer (or stream) may be gone: declare it again
         self._names = broker.names
         self._stream = broker.names.stream(queue)
         self._inbox = broker.client.new_inbox()
@@ -74,6 +76,8 @@ class NATSSubscription(Subscription):
         if status is not None and msg.subject.startswith(self._inbox):
             if status != HEARTBEAT and msg.subject == f'{self._inbox}.{self._request}':
                 self._open = 0  # the server ended the request (expired, no messages, ...)
+            if status == '409' and 'deleted' in str((msg.headers or {}).get('Description', '')).lower():
+                self._lost = True
         else:
             self._ready.append(msg)
             if self._open:
@@ -89,6 +93,8 @@ class NATSSubscription(Subscription):
 
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
         if not self._ready and not self._stopped:
+            if self._lost:
+                await self._declare_again()
             if not self._open:
                 await self._pull(max_count)
             await self._wait(lambda: bool(self._ready) or not self._open or self._stopped)
@@ -104,7 +110,16 @@ class NATSSubscription(Subscription):
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            self._open = 0  # its end was lost (a reconnect): the next fetch pulls anew
+            # No end came: a reconnect dropped the request, or there is no consumer to answer
+            # (a pull to a missing consumer gets no reply at all). Pull anew, declaring first.
+            if self._open:
+                self._open = 0
+                self._lost = True
+
+    async def _declare_again(self) -> None:
+        self._broker.forget_stream(self._stream)
+        await self._broker.declare_consumer(self._queue, self._visibility_s)
+        self._lost = False
 
     async def _deliveries(self, msgs: list[Msg]) -> list[Delivery]:
         metas = [msg.metadata for msg in msgs]
