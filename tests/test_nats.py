@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from microagent_mq import ConfigurationError, Queue
+from microagent_mq import ConfigurationError, Queue, Reject
 from microagent_mq.cli import main
 from microagent_mq.consumer import Consumer
 from microagent_mq.factory import broker_from_dsn
@@ -190,3 +190,34 @@ async def test_consuming_goes_on_after_the_stream_is_deleted_behind_its_back(bro
     await js.delete_stream(f'{broker.prefix}-{queue.name}')  # the test's own stream
     await broker.send(queue.name, {'n': 2})  # declared again by the send...
     assert await calls.wait_for(2) == [{'n': 1}, {'n': 2}]  # ...and its consumer by the fetch
+
+
+async def test_a_delayed_send_to_an_exchange_reaches_queues_not_yet_consumed(broker: Any) -> None:
+    exchange = unique('ex')
+    queues = [Queue(unique(), exchange), Queue(unique(), exchange, ('a.*',)),
+              Queue(unique(), exchange, ('b',))]
+    await broker.send(exchange, {'n': 1}, topic='a.x', delay=0.2)
+    received: dict[str, Calls] = {q.name: Calls() for q in queues}
+    for queue in queues:
+        async def handler(_q: str = queue.name, **data: Any) -> None:
+            received[_q].add(data)
+        await start(broker, queue, handler)
+    assert await received[queues[0].name].wait_for(1) == [{'n': 1}]
+    assert await received[queues[1].name].wait_for(1) == [{'n': 1}]
+    assert len(received[queues[2].name]) == 0
+
+
+async def test_requeue_moves_the_letters_present_when_called_not_new_ones(broker: Any) -> None:
+    queue, calls = Queue(unique()), Calls()
+
+    async def handler(n: int) -> None:
+        calls.add({'n': n})
+        raise Reject('still down')  # every requeued letter comes straight back
+
+    await broker.send(queue.name, {'n': 1})
+    await start(broker, queue, handler)
+    await wait_until(lambda: _dead_count(broker, queue.name, 1), what='a dead letter')
+    for round_ in range(2, 5):
+        assert await broker.requeue_dead_letters(queue.name) == 1  # not a livelock
+        await calls.wait_for(round_)
+        await wait_until(lambda: _dead_count(broker, queue.name, 1), what='the letter back')

@@ -4,9 +4,7 @@ Layout and wire format: ``nats_codec``. Exchanges are routed here, by the declar
 (as on Redis): a send to an exchange stores one copy in the stream of each queue whose
 topics match (AMQP rules, ``routing.py``). NATS wildcards are not used for it: JetStream
 refuses two streams whose subjects overlap, so one subject could never feed several queues.
-``send(delay=)`` stores the message in the queue's delayed stream; a mover (run by every
-consuming broker, one task per queue) moves it into the queue once due, and gives back
-what is not due with ``nak(delay=rest)``: no message ever waits behind another.
+``send(delay=)``: ``nats_delayed``; consuming, acks and attempts: ``nats_consumer``.
 """
 
 import asyncio
@@ -21,7 +19,6 @@ try:
     import nats.errors
     import nats.js.errors
     from nats.aio.client import Client as NATSClient
-    from nats.aio.msg import Msg
     from nats.js import JetStreamContext, api
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("NATSBroker needs nats-py: pip install 'microagent-mq[nats]'") from exc
@@ -37,7 +34,6 @@ from .nats_codec import (
     DUE,
     ERROR,
     FAILED_AT,
-    MOVER,
     PREFIX_RE,
     Names,
     copy_headers,
@@ -46,12 +42,11 @@ from .nats_codec import (
     message_id_of,
 )
 from .nats_consumer import NATSSubscription
+from .nats_delayed import DelayedMover
 
 ERRORS = (nats.errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
 DUPLICATE_WINDOW_S = 120.0  # a send retried within this is stored once (Nats-Msg-Id)
 FREE_MAX_AGE_S = 30 * 24 * 3600.0  # free-delivery records of messages never settled expire
-MOVER_FETCH_S = 0.5
-MOVER_ACK_WAIT_S = 30.0
 
 
 @dataclass(repr=False, eq=False)
@@ -78,8 +73,7 @@ class NATSBroker(AbstractQueueBroker):
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
         self._streams: set[str] = set()
-        self._movers: dict[str, asyncio.Task[None]] = {}
-        self._mover_stop = asyncio.Event()
+        self._mover = DelayedMover(self)
 
     # connection ---------------------------------------------------------------------------
 
@@ -119,13 +113,7 @@ class NATSBroker(AbstractQueueBroker):
         self.log.warning('Reconnected to NATS at %s', mask_dsn(self.dsn))
 
     async def _disconnect(self) -> None:
-        self._mover_stop.set()
-        movers, self._movers = list(self._movers.values()), {}
-        if movers:
-            _, late = await asyncio.wait(movers, timeout=MOVER_FETCH_S + 2)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*movers, return_exceptions=True)
+        await self._mover.stop()
         client = self._client
         self._streams.clear()
         if client is not None and not client.is_closed:
@@ -213,7 +201,7 @@ class NATSBroker(AbstractQueueBroker):
         await self.declare_consumer(queue, visibility)
         subscription = NATSSubscription(self, queue, visibility)
         await subscription.start()
-        await self._watch_delayed(queue)
+        await self._mover.watch(queue)
         return subscription
 
     async def declare_consumer(self, queue: str, visibility: float) -> None:
@@ -227,64 +215,6 @@ class NATSBroker(AbstractQueueBroker):
         await js.add_consumer(self.names.stream(queue), api.ConsumerConfig(
             durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=visibility,
             max_deliver=-1, max_ack_pending=-1))
-
-    async def _watch_delayed(self, queue: str) -> None:
-        mover = self._movers.get(queue)
-        if mover is not None and not mover.done():
-            return
-        js = await self.jetstream()
-        stream = self.names.delayed_stream(queue)
-        await self.ensure_stream(stream, self.names.delayed_subject(queue))
-        await js.add_consumer(stream, api.ConsumerConfig(
-            durable_name=MOVER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=MOVER_ACK_WAIT_S,
-            max_deliver=-1, max_ack_pending=-1))
-        pull = await js.pull_subscribe_bind(MOVER, stream=stream)
-        if self._mover_stop.is_set():  # set by an earlier close: this is a new start
-            self._mover_stop = asyncio.Event()
-        self._movers[queue] = asyncio.create_task(self._move_delayed(queue, pull),
-                                                  name=f'nats-delayed-mover:{queue}')
-
-    async def _move_delayed(self, queue: str, pull: JetStreamContext.PullSubscription) -> None:
-        """Move due delayed messages of ``queue`` into it; give back the rest until due."""
-        failing = False
-        try:
-            while not self._mover_stop.is_set():
-                try:
-                    msgs = await pull.fetch(100, timeout=MOVER_FETCH_S)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                except Exception as exc:
-                    if not failing:
-                        self.log.warning('Moving delayed messages of %s failed: %r; will retry',
-                                         queue, exc)
-                    failing = True
-                    await asyncio.sleep(1.0)
-                    continue
-                failing = False
-                try:
-                    await self._move(queue, msgs)
-                except Exception as exc:  # what was not moved comes back after MOVER_ACK_WAIT_S
-                    self.log.warning('Moving delayed messages of %s failed: %r', queue, exc)
-        finally:
-            try:
-                await pull.unsubscribe()
-            except Exception:  # the connection may be gone already
-                pass
-
-    async def _move(self, queue: str, msgs: list[Msg]) -> None:
-        js = await self.jetstream()
-        now_ms = time.time() * 1000
-        for msg in msgs:
-            due_ms = int_header(msg.headers, DUE, 0)
-            if due_ms > now_ms:
-                await msg.nak(delay=(due_ms - now_ms) / 1000)
-                continue
-            await self.ensure_queue(queue)
-            message_id = message_id_of(msg.headers, f'delayed-{msg.metadata.sequence.stream}')
-            # De-duplicated by the message id: a move repeated after a crash is stored once.
-            await js.publish(self.names.subject(queue), msg.data,
-                             headers=copy_headers(msg.headers, message_id, message_id))
-            await msg.ack()
 
     # inspecting ---------------------------------------------------------------------------
 
