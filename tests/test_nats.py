@@ -221,3 +221,26 @@ async def test_requeue_moves_the_letters_present_when_called_not_new_ones(broker
         assert await broker.requeue_dead_letters(queue.name) == 1  # not a livelock
         await calls.wait_for(round_)
         await wait_until(lambda: _dead_count(broker, queue.name, 1), what='the letter back')
+
+
+async def test_free_records_do_not_outlive_the_consumer_that_counted_them(broker: Any) -> None:
+    queue = Queue(unique())
+    await broker.send(queue.name, {'n': 1})
+    first = await _subscription(broker, queue)
+    taken = await _fetch(first, 1)
+    await first.stop_fetching()
+    await first.release(taken)  # one free record for this message...
+    await first.close()
+    js = await broker.jetstream()
+    await js.delete_consumer(f'{broker.prefix}-{queue.name}', 'microagent_mq')  # ...now void
+    second = await _subscription(broker, queue)
+    try:
+        [again] = await _fetch(second, 1)
+        assert again.attempt == 1
+        await second.retry_later(again, 0.01, 'failed')
+        [retried] = await _fetch(second, 1)
+        assert retried.attempt == 2  # a stale record would make this attempt 1 again
+        await second.ack(retried)
+    finally:
+        await second.stop_fetching()
+        await second.close()

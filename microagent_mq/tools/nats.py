@@ -212,6 +212,15 @@ class NATSBroker(AbstractQueueBroker):
         """
         js = await self.jetstream()
         await self.ensure_queue(queue)
+        try:
+            await js.consumer_info(self.names.stream(queue), CONSUMER)
+        except nats.js.errors.NotFoundError:
+            # A new consumer counts deliveries from 1 again: earlier free records are void.
+            self.log.info('Creating the JetStream consumer of %s', queue)
+            try:
+                await js.purge_stream(self.names.free_stream(queue))
+            except nats.js.errors.NotFoundError:
+                pass
         await js.add_consumer(self.names.stream(queue), api.ConsumerConfig(
             durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=visibility,
             max_deliver=-1, max_ack_pending=-1))

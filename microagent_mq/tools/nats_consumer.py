@@ -164,11 +164,12 @@ class NATSSubscription(Subscription):
         handle: Handle = delivery.handle
         broker = self._broker
         await broker.ensure_dlq(self._queue)
-        headers = copy_headers(handle.msg.headers, f'{self._stream}-{handle.seq}', delivery.message_id)
+        dedupe = f'{delivery.message_id}@{self._stream}-{handle.seq}'
+        headers = copy_headers(handle.msg.headers, dedupe, delivery.message_id)
         headers.update({ERROR: json.dumps(error), ATTEMPTS: str(delivery.attempt),
                         FAILED_AT: str(int(now_s() * 1000))})
         js = await broker.jetstream()
-        # De-duplicated by stream and sequence: a dead letter stored twice is stored once.
+        # De-duplicated by id and sequence: a dead letter stored twice is stored once.
         await js.publish(self._names.dlq_subject(self._queue), delivery.body, headers=headers)
         await handle.msg.ack()
         await self._forget(handle)
