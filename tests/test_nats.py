@@ -244,3 +244,29 @@ async def test_free_records_do_not_outlive_the_consumer_that_counted_them(broker
     finally:
         await second.stop_fetching()
         await second.close()
+
+
+async def test_a_fetch_that_fails_midway_keeps_what_it_had_taken(broker: Any) -> None:
+    queue = Queue(unique())
+    await broker.send(queue.name, {'n': 1})
+    subscription = await _subscription(broker, queue)
+    try:
+        [first] = await _fetch(subscription, 1)
+        await subscription.retry_later(first, 0.01, 'failed')
+        real, failures = subscription._free_counts, []
+
+        async def failing_once() -> dict[str, int]:  # e.g. the connection dropped just then
+            if not failures:
+                failures.append(1)
+                raise ConnectionError('dropped')
+            return dict(await real())
+
+        subscription._free_counts = failing_once
+        with pytest.raises(ConnectionError):
+            await _fetch(subscription, 1)
+        [again] = await subscription.fetch(1)  # at once: not left to the visibility timeout
+        assert (again.body, again.attempt) == (b'{"n":1}', 2)
+        await subscription.ack(again)
+    finally:
+        await subscription.stop_fetching()
+        await subscription.close()

@@ -78,10 +78,12 @@ class NATSSubscription(Subscription):
                 self._open = 0  # the server ended the request (expired, no messages, ...)
             if status == '409' and 'deleted' in str((msg.headers or {}).get('Description', '')).lower():
                 self._lost = True
-        else:
+        elif msg.reply and msg.reply.startswith('$JS.ACK.'):  # a message of the stream
             self._ready.append(msg)
             if self._open:
                 self._open -= 1
+        else:  # nothing JetStream sent: someone else published to this inbox
+            return
         self._changed.set()
 
     async def _pull(self, batch: int) -> None:
@@ -101,7 +103,11 @@ class NATSSubscription(Subscription):
         if not self._ready:
             return []
         msgs = [self._ready.popleft() for _ in range(min(max_count, len(self._ready)))]
-        return await self._deliveries(msgs)
+        try:
+            return await self._deliveries(msgs)
+        except BaseException:
+            self._ready.extendleft(reversed(msgs))  # still this consumer's: kept for later
+            raise
 
     async def _wait(self, done: Any) -> None:
         try:
