@@ -277,11 +277,14 @@ async def _cleanup(kind: str, queue: str) -> None:
         await r.aclose()
     elif kind == 'nats':
         import nats
+        import nats.js.errors
         client = await nats.connect(NATS_DSN)
         js = client.jetstream()
-        for info in await js.streams_info():
-            if info.config.name and info.config.name.startswith(f'bench-{queue}'):
-                await js.delete_stream(info.config.name)
+        for suffix in ('', '-delayed', '-dlq', '-free'):
+            try:
+                await js.delete_stream(f'bench-{queue}{suffix}')
+            except nats.js.errors.NotFoundError:
+                pass
         await client.close()
     elif kind == 'amqp':
         import aio_pika

@@ -123,19 +123,23 @@ async def cleanup(kind: str, namespace: str, brokers: list[AbstractQueueBroker])
     elif kind == 'amqp':
         await delete_amqp_queues(list(Queue.get_all()), list(Queue.exchanges()))
     elif kind == 'nats':
-        await delete_nats_streams(f'test_{namespace}-')
+        await delete_nats_streams(f'test_{namespace}')
 
 
-async def delete_nats_streams(name_prefix: str) -> None:
-    """Delete the streams a test made (their names start with its own prefix), only those."""
+async def delete_nats_streams(prefix: str, queue: str = '') -> None:
+    """Delete the streams of ``prefix`` (of its ``queue`` only, if given): never anyone else's."""
+    import json
+
     import nats
 
     client = await nats.connect(NATS_DSN)
     try:
+        reply = await client.request('$JS.API.STREAM.NAMES', json.dumps({'subject': f'{prefix}.>'}).encode())
+        names = json.loads(reply.data).get('streams') or []
         js = client.jetstream()
-        for info in await js.streams_info():
-            if info.config.name and info.config.name.startswith(name_prefix):
-                await js.delete_stream(info.config.name)
+        for name in names:
+            if name == f'{prefix}-{queue}' or name.startswith(f'{prefix}-{queue}' + ('-' if queue else '')):
+                await js.delete_stream(name)
     finally:
         await client.close()
 

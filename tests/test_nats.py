@@ -27,7 +27,7 @@ async def broker() -> AsyncIterator[Any]:
     made = NATSBroker(NATS_DSN, prefix=prefix)
     yield made
     await made.close(grace=1)
-    await delete_nats_streams(f'{prefix}-')
+    await delete_nats_streams(prefix)
 
 
 async def _subscription(broker: Any, queue: Queue, **options: Any) -> Any:
@@ -168,7 +168,7 @@ async def test_the_cli_sends_and_counts_on_nats(capsys: pytest.CaptureFixture[st
         assert await _cli(['length', name, '--broker', NATS_DSN]) == 0
         assert capsys.readouterr().out.strip().splitlines()[-1] == '1'
     finally:
-        await delete_nats_streams(f'mq-{name}')
+        await delete_nats_streams('mq', name)
 
 
 async def _cli(argv: list[str]) -> int:
