@@ -1,18 +1,19 @@
 """NATS JetStream specifics: layout, wire format, attempts, foreign producers, the missing extra."""
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from microagent_mq import ConfigurationError, Queue, Reject
+from microagent_mq import BrokerUnavailable, ConfigurationError, Queue, Reject
 from microagent_mq.cli import main
 from microagent_mq.consumer import Consumer
 from microagent_mq.factory import broker_from_dsn
 from microagent_mq.transport import Outgoing
 
-from .conftest import NATS_DSN, Calls, delete_nats_streams, require_server, unique, wait_until
+from .conftest import NATS_DSN, Calls, delete_nats_streams, free_port, require_server, unique, wait_until
 from .test_contract import agent_for, start
 
 pytestmark = pytest.mark.nats
@@ -172,8 +173,6 @@ async def test_the_cli_sends_and_counts_on_nats(capsys: pytest.CaptureFixture[st
 
 
 async def _cli(argv: list[str]) -> int:
-    import asyncio
-
     return await asyncio.to_thread(main, argv)  # the CLI runs its own event loop
 
 
@@ -270,3 +269,15 @@ async def test_a_fetch_that_fails_midway_keeps_what_it_had_taken(broker: Any) ->
     finally:
         await subscription.stop_fetching()
         await subscription.close()
+
+
+async def test_an_unreachable_server_raises_within_the_send_timeout() -> None:
+    from microagent_mq.tools.nats import NATSBroker
+
+    Queue('mailer')
+    broker = NATSBroker(f'nats://127.0.0.1:{free_port()}', connect_timeout=0.2, send_timeout=1)
+    try:
+        with pytest.raises(BrokerUnavailable, match=r'NATS at nats://127\.0\.0\.1'):
+            await asyncio.wait_for(broker.mailer.send({'n': 1}), 20)
+    finally:
+        await broker.close()

@@ -84,13 +84,18 @@ class NATSBroker(AbstractQueueBroker):
         async with self._connecting:
             if self._js is None or self._client is None or self._client.is_closed:
                 try:
-                    self._client = await nats.connect(
+                    # nats-py's first connect obeys max_reconnect_attempts too, and -1 would
+                    # retry forever: two tries here (the caller retries within its own bound),
+                    # then reconnect forever once connected.
+                    client = await nats.connect(
                         self.dsn, name=f'microagent_mq {self.uid}', connect_timeout=self.connect_timeout,
-                        max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                        max_reconnect_attempts=1, reconnect_time_wait=0.5,
                         error_cb=self._on_error, disconnected_cb=self._on_disconnect,
                         reconnected_cb=self._on_reconnect)
                 except ERRORS as exc:
                     raise BrokerUnavailable(f'NATS at {mask_dsn(self.dsn)} is unreachable: {exc!r}') from exc
+                client.options['max_reconnect_attempts'] = -1
+                self._client = client
                 self._js = self._client.jetstream()
                 self._streams.clear()
             return self._js
