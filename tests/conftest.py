@@ -7,6 +7,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -15,7 +16,9 @@ from microagent_mq.broker import AbstractQueueBroker
 
 REDIS_DSN = os.environ.get('TEST_REDIS_DSN', 'redis://127.0.0.1:6379/15')
 AMQP_DSN = os.environ.get('TEST_AMQP_DSN', 'amqp://guest:guest@127.0.0.1:5672/')
-SERVERS = {'redis': ('127.0.0.1', 6379), 'amqp': ('127.0.0.1', 5672)}
+NATS_DSN = os.environ.get('TEST_NATS_DSN', 'nats://127.0.0.1:4222')
+SERVERS = {'redis': ('127.0.0.1', 6379), 'amqp': ('127.0.0.1', 5672),
+           'nats': (urlsplit(NATS_DSN).hostname or '127.0.0.1', urlsplit(NATS_DSN).port or 4222)}
 
 
 def server_up(kind: str) -> bool:
@@ -70,13 +73,18 @@ def make_broker(kind: str, namespace: str) -> AbstractQueueBroker:
         from microagent_mq.tools.redis import RedisBroker
 
         return RedisBroker(REDIS_DSN, prefix=f'test:{namespace}:')
+    if kind == 'nats':
+        from microagent_mq.tools.nats import NATSBroker
+
+        return NATSBroker(NATS_DSN, prefix=f'test_{namespace}')
     from microagent_mq.tools.amqp import AMQPBroker
 
     return AMQPBroker(AMQP_DSN)
 
 
 @pytest.fixture(params=['memory', pytest.param('redis', marks=pytest.mark.redis),
-                        pytest.param('amqp', marks=pytest.mark.amqp)])
+                        pytest.param('amqp', marks=pytest.mark.amqp),
+                        pytest.param('nats', marks=pytest.mark.nats)])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -114,6 +122,26 @@ async def cleanup(kind: str, namespace: str, brokers: list[AbstractQueueBroker])
         await client.aclose()
     elif kind == 'amqp':
         await delete_amqp_queues(list(Queue.get_all()), list(Queue.exchanges()))
+    elif kind == 'nats':
+        await delete_nats_streams(f'test_{namespace}')
+
+
+async def delete_nats_streams(prefix: str, queue: str = '') -> None:
+    """Delete the streams of ``prefix`` (of its ``queue`` only, if given): never anyone else's."""
+    import json
+
+    import nats
+
+    client = await nats.connect(NATS_DSN)
+    try:
+        reply = await client.request('$JS.API.STREAM.NAMES', json.dumps({'subject': f'{prefix}.>'}).encode())
+        names = json.loads(reply.data).get('streams') or []
+        js = client.jetstream()
+        for name in names:
+            if name == f'{prefix}-{queue}' or name.startswith(f'{prefix}-{queue}' + ('-' if queue else '')):
+                await js.delete_stream(name)
+    finally:
+        await client.close()
 
 
 async def delete_amqp_queues(queues: list[str], exchanges: list[str]) -> None:

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(params=[pytest.param('redis', marks=pytest.mark.redis),
-                        pytest.param('amqp', marks=pytest.mark.amqp)])
+                        pytest.param('amqp', marks=pytest.mark.amqp),
+                        pytest.param('nats', marks=pytest.mark.nats)])
 def server_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -120,8 +121,11 @@ async def test_two_processes_share_2000_messages(
     assert await broker.queue_length(workers.queue) == 0
 
 
-async def _cut_connections(kind: str) -> None:
-    if kind == 'redis':
+async def _cut_connections(kind: str, brokers: list[AbstractQueueBroker]) -> None:
+    if kind == 'nats':  # the test's own sockets, torn down under its clients
+        for broker in brokers:
+            broker._client._transport._io_writer.transport.abort()  # type: ignore[attr-defined]
+    elif kind == 'redis':
         import redis.asyncio as aioredis
 
         from .conftest import REDIS_DSN
@@ -149,7 +153,7 @@ async def test_server_side_disconnect_consumers_resume(
     await Agent(broker=consuming).start()
     await sending.send(queue.name, {'n': 1})
     await wait_until(lambda: received == [1], what='first message')
-    await _cut_connections(server_kind)
+    await _cut_connections(server_kind, [consuming, sending])
     for n in range(2, 12):
         await sending.send(queue.name, {'n': n})
     await wait_until(lambda: sorted(set(received)) == list(range(1, 12)), timeout_s=60,

@@ -539,6 +539,13 @@ async def raw_send(kind: str, broker: Any, queue: str, body: bytes) -> None:
         client = aioredis.Redis.from_url(broker.dsn)
         await client.xadd(broker.stream_key(queue), {'body': body})  # the one field it must write
         await client.aclose()
+    elif kind == 'nats':
+        import nats
+
+        client = await nats.connect(broker.dsn)
+        await broker.ensure_queue(queue)  # a producer elsewhere writes to an existing stream
+        await client.jetstream().publish(broker.names.subject(queue), body)  # no headers at all
+        await client.close()
     else:
         import aio_pika
         connection = await aio_pika.connect(AMQP_DSN)
