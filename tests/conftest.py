@@ -141,13 +141,16 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def broker_factory(broker_kind: str) -> AsyncIterator[Callable[[], AbstractQueueBroker]]:
-    """Brokers of one kind sharing one namespace (as separate processes would)."""
+async def broker_factory(broker_kind: str) -> AsyncIterator[Callable[..., AbstractQueueBroker]]:
+    """Brokers of one kind sharing one namespace (as separate processes would).
+
+    ``factory(dsn)`` reaches the same server another way (through a ``proxy_to`` proxy).
+    """
     namespace = unique('ns')
     made: list[AbstractQueueBroker] = []
 
-    def factory() -> AbstractQueueBroker:
-        broker = make_broker(broker_kind, namespace)
+    def factory(dsn: str | None = None) -> AbstractQueueBroker:
+        broker = make_broker(broker_kind, namespace, dsn)
         made.append(broker)
         return broker
 
@@ -158,7 +161,7 @@ async def broker_factory(broker_kind: str) -> AsyncIterator[Callable[[], Abstrac
 
 
 @pytest.fixture
-def broker(broker_factory: Callable[[], AbstractQueueBroker]) -> AbstractQueueBroker:
+def broker(broker_factory: Callable[..., AbstractQueueBroker]) -> AbstractQueueBroker:
     return broker_factory()
 
 

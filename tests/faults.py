@@ -68,10 +68,12 @@ class FaultProxy:
             self._server.close()
         self.cut()
         self._flowing.set()
-        tasks = [task for link in self._links for task in link.tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # The pumps end by themselves once their connections are aborted; cancelling a
+        # start_server handler instead would make asyncio log an error.
+        if tasks := [task for link in self._links for task in link.tasks]:
+            _, late = await asyncio.wait(tasks, timeout=5 + self.latency_s)
+            for task in late:
+                task.cancel()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -116,12 +118,10 @@ class FaultProxy:
         self.accepted += 1
         link = _Link(writer, up_writer)
         self._links.add(link)
-        link.tasks = [asyncio.current_task()]  # type: ignore[list-item]
         try:
-            upward = asyncio.create_task(self._pump(link, reader, up_writer, upward=True))
-            link.tasks.append(upward)
-            await self._pump(link, up_reader, writer, upward=False)
-            await upward
+            link.tasks = [asyncio.create_task(self._pump(link, reader, up_writer, upward=True)),
+                          asyncio.create_task(self._pump(link, up_reader, writer, upward=False))]
+            await asyncio.gather(*link.tasks)
         finally:
             link.abort()
             self._links.discard(link)
