@@ -120,8 +120,9 @@ class RabbitNode:
 
     def start(self, timeout_s: float = 120) -> None:
         started = time.monotonic()
+        env = self.env()  # creates the folder, its files and the cookie on first use
         log = (self.folder / 'server.log').open('ab')
-        self.proc = subprocess.Popen([str(RABBIT_BIN / 'rabbitmq-server')], env=self.env(),
+        self.proc = subprocess.Popen([str(RABBIT_BIN / 'rabbitmq-server')], env=env,
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         log.close()
         wait_listening(self.port, timeout_s, self.proc)  # the node registers with epmd first

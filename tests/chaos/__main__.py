@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +65,9 @@ async def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix='chaos-') as scratch:
         folder = args.keep or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        # The producer's reconnect warnings go to a file: the table is the output.
+        logging.basicConfig(filename=folder / 'producer.log', level=logging.WARNING)
         for broker in brokers:
             settings = Settings(broker=broker, messages=args.messages, workers=args.workers,
                                 concurrency=args.concurrency, duration_s=args.duration,

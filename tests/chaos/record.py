@@ -105,7 +105,7 @@ def likely_cause(n: int, handlings: list[Line], lines: list[Line], outcome: Outc
                  and x.at > first_end.at), default=handlings[1].at)
     window = [f for f in outcome.faults if first_end.at - CAUSE_WINDOW_S <= f.at <= again]
     for fault in window:
-        if fault.pid == first_end.pid and fault.kind in ('sigkill', 'sigterm'):
+        if fault.pid == first_end.pid and fault.kind in ('sigkill', 'sigterm') and fault.at >= first_end.at:
             return f'{fault.kind} of the worker after the handler ended, before its ack'
     if window:
         return f'{window[-1].kind} between the handling and its ack'
