@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench docs example clean
+.PHONY: install test lint bench docs example clean chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ test: install
 lint: install
 	$(BIN)/ruff check microagent_mq tests examples bench
 	$(BIN)/mypy
+
+# Messages through worker processes under faults, on servers of its own (docs/reliability.md).
+# CHAOS_ARGS, e.g.: make chaos CHAOS_ARGS='--broker redis --messages 2000 --duration 30'
+CHAOS_ARGS ?=
+chaos: install
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 bench: install
 	$(BIN)/python -m bench
