@@ -33,7 +33,7 @@ def _record(mark: str, kind: str, n: int) -> None:
 
 async def _handle(kind: str, n: int) -> None:
     _record('S', kind, n)
-    await asyncio.sleep(random.uniform(0, 0.02))  # some work: messages are in flight when killed
+    await asyncio.sleep(random.uniform(0, 0.05))  # some work: messages are in flight when killed
     _record('E', kind, n)
 
 

@@ -129,17 +129,21 @@ class Workers:
         self.dsn, self.queues_file, self.folder = dsn, queues_file, folder
         self.env = {**os.environ, **env, 'CHAOS_RECORDS': str(folder)}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.logs: dict[int, Path] = {}
+        self.born: dict[int, float] = {}
         self.signalled: set[int] = set()
         self.deaths: list[str] = []
 
     def spawn(self) -> int:
-        log = (self.folder / f'worker-{time.time_ns()}.log').open('wb')
+        path = self.folder / f'worker-{time.time_ns()}.log'
+        log = path.open('wb')
         proc = subprocess.Popen(
             [str(CLI), 'run', 'tests.chaos.agent:ChaosAgent', '--broker', self.dsn,
              '--queues', str(self.queues_file), '--grace', '5', '--log-level', 'INFO'],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs[proc.pid] = proc
+        self.logs[proc.pid], self.born[proc.pid] = path, time.monotonic()
         return proc.pid
 
     async def wait_ready(self, timeout_s: float = 120) -> None:
@@ -166,12 +170,16 @@ class Workers:
                 continue
             del self.procs[pid]
             if pid not in self.signalled:
-                self.deaths.append(f'worker {pid} exited with {proc.returncode}')
+                last = self.logs[pid].read_text(errors='replace').strip().splitlines()[-1:]
+                self.deaths.append(f'worker {pid} exited with {proc.returncode}: {last}')
                 self.spawn()
 
-    def running(self) -> list[int]:
+    def running(self, min_age_s: float = 0.0) -> list[int]:
+        """Workers alive and not signalled, started at least ``min_age_s`` ago."""
+        now = time.monotonic()
         return [pid for pid, proc in self.procs.items()
-                if proc.poll() is None and pid not in self.signalled]
+                if proc.poll() is None and pid not in self.signalled
+                and now - self.born[pid] >= min_age_s]
 
     def stop_all(self) -> None:
         for pid in list(self.procs):

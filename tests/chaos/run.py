@@ -19,6 +19,7 @@ from .record import Fault, Outcome, ends, read_lines, report
 
 SETTLE_S = 15.0  # after the drain: longer than a visibility timeout, so late copies show
 SUB_RUN_TIMEOUT_S = 45.0
+VICTIM_MIN_AGE_S = 5.0
 
 POISON = {  # label -> a body no handler of ``n: int`` can take
     'not_json': b'not json at all',
@@ -153,9 +154,11 @@ async def _fault_loop(settings: Settings, backend: Backend, proxy: FaultProxy, w
             await asyncio.to_thread(backend.restart)
             continue
         kind = rng.choice(['sigkill', 'sigterm', 'cut', 'cut', 'latency', 'lost_reply'])
-        if kind in ('sigkill', 'sigterm') and not workers.running():
+        # A victim that has been consuming a while (one still starting holds no message).
+        victims = workers.running(VICTIM_MIN_AGE_S) or workers.running()
+        if kind in ('sigkill', 'sigterm') and not victims:
             kind = 'cut'  # every worker is on its way down already
-        pid = rng.choice(workers.running()) if kind in ('sigkill', 'sigterm') else 0
+        pid = rng.choice(victims) if kind in ('sigkill', 'sigterm') else 0
         outcome.faults.append(Fault(kind, time.time(), pid))
         if kind in ('sigkill', 'sigterm'):
             workers.signal(pid, signal.SIGKILL if kind == 'sigkill' else signal.SIGTERM)
