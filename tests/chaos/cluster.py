@@ -157,6 +157,20 @@ class Workers:
             await asyncio.sleep(0.2)
         raise RuntimeError('workers did not start; see worker-*.log')
 
+    def busy(self, pids: list[int]) -> list[int]:
+        """Those of ``pids`` with a handler running now (an ``S`` line not yet ended)."""
+        found = []
+        for pid in pids:
+            path = self.folder / f'records-{pid}.log'
+            if not path.exists():
+                continue
+            tail = path.read_bytes()[-4096:].decode(errors='replace').splitlines()[1:]
+            starts = {line.split()[2] for line in tail if line.startswith('S main')}
+            ends = {line.split()[2] for line in tail if line.startswith('E main')}
+            if starts - ends:
+                found.append(pid)
+        return found
+
     def signal(self, pid: int, signum: int) -> None:
         self.signalled.add(pid)
         self.procs[pid].send_signal(signum)

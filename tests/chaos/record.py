@@ -75,6 +75,7 @@ def report(lines: list[Line], outcome: Outcome) -> dict[str, Any]:
         causes[likely_cause(n, handlings, lines, outcome)] += 1
     lost = outcome.sent - handled - set(outcome.dead)
     faults: dict[str, int] = defaultdict(int)
+    first = min((line.at for line in lines), default=0.0)
     for fault in outcome.faults:
         faults[fault.kind] += 1
     return {
@@ -93,6 +94,7 @@ def report(lines: list[Line], outcome: Outcome) -> dict[str, Any]:
         'drain_s': None if outcome.drain_s is None else round(outcome.drain_s, 1),
         'redelivery_after_sigkill_s': redelivery_after_sigkill(lines, outcome.faults),
         'faults': dict(sorted(faults.items())),
+        'fault_log': [[round(f.at - first, 1), f.kind, f.pid] for f in outcome.faults],
     }
 
 

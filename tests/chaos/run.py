@@ -156,6 +156,8 @@ async def _fault_loop(settings: Settings, backend: Backend, proxy: FaultProxy, w
         kind = rng.choice(['sigkill', 'sigterm', 'cut', 'cut', 'latency', 'lost_reply'])
         # A victim that has been consuming a while (one still starting holds no message).
         victims = workers.running(VICTIM_MIN_AGE_S) or workers.running()
+        if kind == 'sigkill':  # one in a handler, when there is one: it measures redelivery
+            victims = workers.busy(victims) or victims
         if kind in ('sigkill', 'sigterm') and not victims:
             kind = 'cut'  # every worker is on its way down already
         pid = rng.choice(victims) if kind in ('sigkill', 'sigterm') else 0
