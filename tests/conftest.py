@@ -3,6 +3,7 @@
 import asyncio
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -55,6 +56,21 @@ def _fresh_registry() -> Iterator[None]:
     Queue.reset()
     yield
     Queue.reset()
+
+
+# Commands that would cut or stop what everyone else on the shared node uses: a fault test
+# restarts or cuts what it owns instead (own_rabbit, a proxy_to proxy).
+DISRUPTIVE = frozenset({'stop_app', 'start_app', 'stop', 'shutdown', 'reset', 'force_reset',
+                        'close_all_connections', 'close_connection', 'close_all_user_connections',
+                        'delete_user', 'change_password', 'clear_permissions'})
+
+
+def rabbitmqctl(*args: str) -> None:
+    """``rabbitmqctl`` on the shared node, for harmless admin only (a vhost of the test's own)."""
+    if DISRUPTIVE & set(args):
+        raise ValueError(f'rabbitmqctl {args[0]} would hit everyone on the shared RabbitMQ; '
+                         'use the own_rabbit fixture or a proxy_to proxy')
+    subprocess.run(['rabbitmqctl', *args], check=True, capture_output=True, timeout=120)
 
 
 def unique(prefix: str = 'q') -> str:
