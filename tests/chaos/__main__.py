@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     args.add_argument('--json', type=Path, default=None, help='write the reports here')
     args.add_argument('--keep', type=Path, default=None,
                       help='a folder for records and logs (default: a temporary one, removed)')
+    args.add_argument('--markdown', action='store_true',
+                      help="print docs/reliability.md's tables, not the plain ones")
     args.add_argument('--check', action='store_true',
                       help='exit 1 on a lost message or a worker that died by itself')
     return args
@@ -56,6 +58,23 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f'  {key}: {json.dumps(result[key])}')
     if result['lost']:
         lines.append(f'  lost_sample: {result["lost_sample"]}')
+    return '\n'.join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table of docs/reliability.md for one broker."""
+    settings = result['settings']
+    lines = [f'**{result["broker"]}**, {result["date"]}: {settings["messages"]} messages, '
+             f'{settings["workers"]} workers x {settings["concurrency"]}, '
+             f'{settings["duration_s"]:g} s of faults', '', '| number | value |', '|---|---|']
+    for key, _ in ROWS:
+        lines.append(f'| {key} | {result[key]} |')
+    for key in ('duplicate_causes', 'redelivery_after_sigkill_s', 'faults', 'foreign',
+                'sub_run_worker_deaths', 'server_start_s'):
+        lines.append(f'| {key} | `{json.dumps(result[key])}` |')
+    poison = result['poison']
+    dead = sum(outcome.startswith('dead-lettered') for outcome in poison.values())
+    lines.append(f'| poison | {dead} of {len(poison)} dead-lettered at once |')
     return '\n'.join(lines)
 
 
@@ -75,7 +94,7 @@ async def main(argv: list[str] | None = None) -> int:
             result = await chaos(settings, folder / broker)
             result['date'] = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')
             results.append(result)
-            print(table(result), flush=True)
+            print(markdown(result) if args.markdown else table(result), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     failed = [r['broker'] for r in results if r['lost'] or r['worker_deaths'] or r['unexpected']]
