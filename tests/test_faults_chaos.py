@@ -26,13 +26,16 @@ def test_duplicates_and_their_likely_causes() -> None:
     lines = (handling(1, 10, 1.0, 1.1) + handling(1, 11, 9.0, 9.1)  # pid 10 killed after it
              + handling(2, 12, 2.0, 2.1) + handling(2, 11, 3.0, 3.1)  # a cut in between
              + handling(3, 11, 4.0, 4.1) + handling(3, 11, 4.2, 4.3)  # sent twice
-             + handling(5, 11, 40.0, 40.1) + handling(5, 11, 50.0, 50.1))  # nothing near
-    outcome = Outcome(sent={1, 2, 3, 5}, retried_sends={3},
-                      faults=[Fault('sigkill', 1.5, pid=10), Fault('cut', 2.5)])
+             + handling(5, 11, 40.0, 40.1) + handling(5, 11, 50.0, 50.1)  # nothing near
+             + handling(6, 11, 63.0, 63.1) + handling(6, 11, 66.0, 66.1))  # the broker was down
+    outcome = Outcome(sent={1, 2, 3, 5, 6}, retried_sends={3},
+                      faults=[Fault('sigkill', 1.5, pid=10), Fault('cut', 2.5),
+                              Fault('broker_restart', 60.0, until=65.0)])
     result = report(lines, outcome)
-    assert result['duplicates'] == 4
+    assert result['duplicates'] == 5
     assert result['handled_once'] == 0
     assert result['duplicate_causes'] == {
+        'broker_restart between the handling and its ack': 1,
         'cut between the handling and its ack': 1,
         'producer retry (sent twice)': 1,
         'sigkill of the worker after the handler ended, before its ack': 1,

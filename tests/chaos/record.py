@@ -30,6 +30,11 @@ class Fault:
     kind: str
     at: float
     pid: int = 0
+    until: float = 0.0  # when it lasted (a broker restart): when it ended
+
+    @property
+    def end(self) -> float:
+        return max(self.at, self.until)
 
 
 @dataclass
@@ -105,7 +110,7 @@ def likely_cause(n: int, handlings: list[Line], lines: list[Line], outcome: Outc
     first_end = handlings[0]
     again = min((x.at for x in lines if x.mark == 'S' and x.kind == 'main' and x.n == n
                  and x.at > first_end.at), default=handlings[1].at)
-    window = [f for f in outcome.faults if first_end.at - CAUSE_WINDOW_S <= f.at <= again]
+    window = [f for f in outcome.faults if first_end.at - CAUSE_WINDOW_S <= f.end and f.at <= again]
     for fault in window:
         if fault.pid == first_end.pid and fault.kind in ('sigkill', 'sigterm') and fault.at >= first_end.at:
             return f'{fault.kind} of the worker after the handler ended, before its ack'

@@ -150,8 +150,9 @@ async def _fault_loop(settings: Settings, backend: Backend, proxy: FaultProxy, w
         proxy.latency_s = 0.0
         if restarts and time.monotonic() >= restarts[0]:
             restarts.pop(0)
-            outcome.faults.append(Fault('broker_restart', time.time()))
+            began = time.time()
             await asyncio.to_thread(backend.restart)
+            outcome.faults.append(Fault('broker_restart', began, until=time.time()))
             continue
         kind = rng.choice(['sigkill', 'sigterm', 'cut', 'cut', 'latency', 'lost_reply'])
         # A victim that has been consuming a while (one still starting holds no message).
