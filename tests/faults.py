@@ -134,10 +134,12 @@ class FaultProxy:
             while chunk := await reader.read(CHUNK):
                 due = loop.time() + self.latency_s
                 self.held += len(chunk)
-                await self._flowing.wait()
-                if (delay := due - loop.time()) > 0:
-                    await asyncio.sleep(delay)  # latency: chunks keep their order (one pump)
-                self.held -= len(chunk)
+                try:
+                    await self._flowing.wait()
+                    if (delay := due - loop.time()) > 0:
+                        await asyncio.sleep(delay)  # latency: chunks keep their order (one pump)
+                finally:
+                    self.held -= len(chunk)
                 if upward and self._lose_reply:
                     self._lose_reply, link.awaiting_reply = False, True
                 elif not upward and link.awaiting_reply:
