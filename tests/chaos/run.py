@@ -20,6 +20,7 @@ from .record import Fault, Outcome, ends, read_lines, report
 SETTLE_S = 15.0  # after the drain: longer than a visibility timeout, so late copies show
 SUB_RUN_TIMEOUT_S = 45.0
 VICTIM_MIN_AGE_S = 5.0
+FAULTS = ['sigkill', 'sigterm', 'cut', 'cut', 'latency', 'lost_reply']  # cuts weigh double
 
 POISON = {  # label -> a body no handler of ``n: int`` can take
     'not_json': b'not json at all',
@@ -144,6 +145,7 @@ async def _fault_loop(settings: Settings, backend: Backend, proxy: FaultProxy, w
     end = time.monotonic() + settings.duration_s
     restarts = [time.monotonic() + settings.duration_s * (i + 1) / (settings.restarts + 1)
                 for i in range(settings.restarts)]
+    deck: list[str] = []
     while time.monotonic() < end:
         await asyncio.sleep(rng.uniform(1, 3))
         workers.reap()
@@ -154,7 +156,9 @@ async def _fault_loop(settings: Settings, backend: Backend, proxy: FaultProxy, w
             await asyncio.to_thread(backend.restart)
             outcome.faults.append(Fault('broker_restart', began, until=time.time()))
             continue
-        kind = rng.choice(['sigkill', 'sigterm', 'cut', 'cut', 'latency', 'lost_reply'])
+        if not deck:  # shuffled rounds: every kind comes up, even in a short run
+            deck = rng.sample(FAULTS, len(FAULTS))
+        kind = deck.pop()
         # A victim that has been consuming a while (one still starting holds no message).
         victims = workers.running(VICTIM_MIN_AGE_S) or workers.running()
         if kind == 'sigkill':  # one in a handler, when there is one: it measures redelivery
