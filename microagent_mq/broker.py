@@ -19,6 +19,7 @@ from .dsn import mask_dsn
 from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
 from .messages import check_headers, publication_of, publications
+from .middleware.base import Middleware, before_send
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, Subscription
@@ -50,6 +51,8 @@ class AbstractQueueBroker(ABC):
     uid: str = field(default_factory=lambda: str(uuid4()))
     log: logging.Logger = field(default=logging.getLogger('microagent_mq.broker'))
     _bindings: dict[str, Consumer] = field(default_factory=dict)
+    # Hooks around every message sent and handled through this broker (see ``Middleware``).
+    middlewares: list[Middleware] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._runners: dict[str, ConsumerRunner] = {}
@@ -77,7 +80,7 @@ class AbstractQueueBroker(ABC):
         outgoing = self._outgoing(name, self._encode(name, message), kwargs)
         if headers is not None:
             outgoing.headers = check_headers(headers)
-        await self._publish([outgoing])
+        await self._send([outgoing])
 
     async def send_many(self, name: str, messages: Iterable[Message],
                         headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -88,19 +91,19 @@ class AbstractQueueBroker(ABC):
             for outgoing in batch:
                 outgoing.headers = checked
         if batch:
-            await self._publish(batch)
+            await self._send(batch)
 
     async def publish(self, message: 'TypedMessage', delay: float | None = None,
                       headers: dict[str, Any] | None = None) -> None:
         """Publish a ``Message`` where its class routes it (a queue, or an exchange and topic)."""
-        await self._publish([self._typed_outgoing(message, delay, headers)])
+        await self._send([self._typed_outgoing(message, delay, headers)])
 
     async def publish_many(self, messages: Iterable['TypedMessage'], delay: float | None = None,
                            headers: dict[str, Any] | None = None) -> None:
         """Publish several messages, each routed by its class, in one go."""
         batch = [self._typed_outgoing(m, delay, headers) for m in messages]
         if batch:
-            await self._publish(batch)
+            await self._send(batch)
 
     async def bind(self, name: str) -> None:
         """Start reading queue ``name`` with the consumer bound to it."""
@@ -110,7 +113,8 @@ class AbstractQueueBroker(ABC):
         async with self._binding:
             if name in self._runners:
                 return
-            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log)
+            middlewares = [*self.middlewares, *getattr(consumer.agent, 'middlewares', ())]
+            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log, middlewares)
             self._runners[name] = runner
             runner.start()
         self.log.info('Consuming %s with %s', name, consumer.name)
@@ -226,6 +230,12 @@ class AbstractQueueBroker(ABC):
         """Close connections; a later call may connect again."""
 
     # helpers ----------------------------------------------------------------------------
+
+    async def _send(self, batch: Sequence[Outgoing]) -> None:
+        """The send path's one way out: middlewares' ``before_send``, then ``_publish``."""
+        if self.middlewares:
+            await before_send(self.middlewares, batch)
+        await self._publish(batch)
 
     def _queue(self, name: str) -> Queue:
         queue = Queue.get(name)
