@@ -8,7 +8,7 @@ import os
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -22,7 +22,7 @@ from .messages import check_headers, publication_of, publications
 from .middleware.base import Middleware, before_send
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
-from .transport import DeadLetter, Outgoing, Subscription
+from .transport import DeadLetter, Outgoing, QueueStats, Subscription
 
 __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
 
@@ -148,11 +148,37 @@ class AbstractQueueBroker(ABC):
         """The oldest ``limit`` dead letters of queue ``name``, left where they are."""
         return await self._dead_letters(self._queue(name).name, limit)
 
-    async def requeue_dead_letters(self, name: str) -> int:
-        """Move the dead letters of queue ``name`` back into it, as first attempts."""
-        count = await self._requeue_dead_letters(self._queue(name).name)
+    async def requeue_dead_letters(self, name: str, ids: Collection[str] | None = None) -> int:
+        """Move the dead letters of queue ``name`` back into it, as first attempts.
+
+        ``ids``: only the dead letters with these message ids (the others stay).
+        """
+        queue = self._queue(name).name
+        if ids is None:
+            count = await self._requeue_dead_letters(queue)
+        else:
+            count = await self._requeue_dead_letters_by_id(queue, frozenset(ids)) if ids else 0
         if count:
             self.log.info('Requeued %d dead letters into %s', count, name)
+        return count
+
+    async def queue_stats(self, name: str) -> QueueStats:
+        """How many messages of queue ``name`` are ready, delayed, in flight and dead."""
+        return await self._stats(self._queue(name).name)
+
+    async def purge(self, name: str) -> int:
+        """Delete the messages waiting in queue ``name`` (ready and, where it can, delayed).
+
+        Messages being handled are not touched. Returns how many were deleted.
+        """
+        count = await self._purge(self._queue(name).name)
+        self.log.warning('Purged %d message(s) from %s', count, name)
+        return count
+
+    async def purge_dead_letters(self, name: str) -> int:
+        """Delete every dead letter of queue ``name``; returns how many."""
+        count = await self._purge_dead_letters(self._queue(name).name)
+        self.log.warning('Purged %d dead letter(s) of %s', count, name)
         return count
 
     async def close(self, grace: float | None = None) -> None:
@@ -228,6 +254,28 @@ class AbstractQueueBroker(ABC):
     @abstractmethod
     async def _disconnect(self) -> None:
         """Close connections; a later call may connect again."""
+
+    # Operators' primitives (admin commands): not abstract, so a transport without them
+    # still works for everything else and says so when one is asked for.
+
+    async def _stats(self, name: str) -> QueueStats:
+        """Counts of queue ``name``."""
+        raise self._unsupported('queue stats')
+
+    async def _purge(self, name: str) -> int:
+        """Delete what waits in queue ``name`` (not what is being handled); how many."""
+        raise self._unsupported('purge')
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        """Delete the dead letters of queue ``name``; how many."""
+        raise self._unsupported('dead-letter purge')
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
+        """Move the dead letters with message ids in ``ids`` back to their queue; how many."""
+        raise self._unsupported('requeue by id')
+
+    def _unsupported(self, what: str) -> QueueException:
+        return QueueException(f'{type(self).__name__} does not support {what}')
 
     # helpers ----------------------------------------------------------------------------
 

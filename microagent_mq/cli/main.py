@@ -21,6 +21,7 @@ from ..dsn import mask_dsn
 from ..exceptions import QueueException
 from ..factory import broker_from_dsn
 from ..loader import load_queues
+from . import admin
 from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, CLIError
 from .logs import FORMATS, LEVELS, setup_logging
 from .run import catch_early_signals, load_agent, loop_runner, run_agents
@@ -132,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument('--delay', type=_seconds, default=0.0, help='seconds before delivery')
     length = commands.add_parser('length', parents=[common], help='print a queue length')
     length.add_argument('queue')
+    admin.add_commands(commands, common, _positive_int)
     return root
 
 
@@ -165,6 +167,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.broker.startswith('memory://'):
         log.warning('%s on %s: a memory broker lives in this process only; nothing outlives it',
                     args.command, args.broker)
+    if args.command in admin.COMMANDS:
+        return admin.dispatch(args, broker)
     if args.command == 'send':
         asyncio.run(send(broker, args.queue, args.message, topic=args.topic, delay=args.delay))
     else:

@@ -18,6 +18,7 @@ try:
     from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("RedisBroker needs redis: pip install 'microagent-mq[redis]'") from exc
@@ -28,7 +29,7 @@ from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import check_redis_db, mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
-from ..transport import DeadLetter, Outgoing, Subscription
+from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
 from .redis_consumer import GROUP, RedisSubscription
 from .redis_scripts import ADD_MANY, MOVE_DUE
 
@@ -219,6 +220,71 @@ class RedisBroker(AbstractQueueBroker):
                 await pipe.execute()
                 moved += len(entries)
         return moved
+
+    # operators' primitives (admin commands) -------------------------------------------------
+
+    async def _stats(self, name: str) -> QueueStats:
+        stream = self.stream_key(name)
+        async with self.guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.xlen(stream)
+            pipe.zcard(self.delayed_key(name))
+            pipe.xlen(self.dead_key(name))
+            length, delayed, dead = await pipe.execute()
+            try:
+                pending = int((await self.client.xpending(stream, GROUP))['pending'])
+            except ResponseError:  # no group yet: nobody ever consumed it
+                pending = 0
+        return QueueStats(name, int(length) - pending, int(delayed), pending, int(dead))
+
+    async def _purge(self, name: str) -> int:
+        # What waits: stream entries nobody holds (in flight ones are pending in the group),
+        # and the delayed ones. An entry read at this very moment may still be handled.
+        stream = self.stream_key(name)
+        async with self.guard():
+            held: set[bytes] = set()
+            try:
+                pending: Any = await self.client.xpending_range(stream, GROUP, '-', '+', 1 << 31)
+                held = {entry['message_id'] for entry in pending}
+            except ResponseError:
+                pass  # no group yet: nobody holds anything
+            deleted = int(await self.client.zcard(self.delayed_key(name)))
+            await self.client.delete(self.delayed_key(name))
+            start, entries = '-', await self._page(stream, '-')
+            while entries:
+                waiting = [entry_id for entry_id, _ in entries if entry_id not in held]
+                if waiting:
+                    deleted += int(await self.client.xdel(stream, *waiting))
+                start = '(' + entries[-1][0].decode()
+                entries = await self._page(stream, start)
+        return deleted
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        async with self.guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.dead_key(name))
+            pipe.delete(self.dead_key(name))
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
+        moved, dead = 0, self.dead_key(name)
+        async with self.guard():
+            entries = await self._page(dead, '-')
+            while entries:
+                chosen = [(entry_id, fields) for entry_id, fields in entries
+                          if fields[b'id'].decode() in ids]
+                if chosen:
+                    pipe = self.client.pipeline(transaction=True)
+                    for _, fields in chosen:
+                        self._stage(pipe, name, fields[b'body'], fields[b'id'].decode(), 1, 0)
+                    pipe.xdel(dead, *[entry_id for entry_id, _ in chosen])
+                    await pipe.execute()
+                    moved += len(chosen)
+                entries = await self._page(dead, '(' + entries[-1][0].decode())
+        return moved
+
+    async def _page(self, stream: str, start: str) -> Any:
+        """The next 500 entries of ``stream`` from ``start`` (``(id`` excludes ``id``)."""
+        return await self.client.xrange(stream, start, '+', count=500)
 
 
 def _dead_letter(queue: str, fields: dict[bytes, bytes]) -> DeadLetter:
