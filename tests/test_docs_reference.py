@@ -26,8 +26,12 @@ def _hook() -> ModuleType:
 def test_cli_reference_has_every_command_and_option_of_the_parser() -> None:
     reference = _hook().cli_reference()
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {'run', 'send', 'length'}
-    for name, sub in commands.choices.items():
+    assert set(commands.choices) == {'run', 'send', 'length', 'queues', 'dlq', 'purge'}
+    dlq = next(a for a in commands.choices['dlq']._actions if isinstance(a, argparse._SubParsersAction))
+    every = {**{name: sub for name, sub in commands.choices.items() if name != 'dlq'},
+             **{f'dlq {name}': sub for name, sub in dlq.choices.items()}}
+    assert set(dlq.choices) == {'list', 'requeue', 'purge'}
+    for name, sub in every.items():
         assert f'## `microagent-mq {name}`' in reference
         for action in sub._actions:
             for flag in action.option_strings:

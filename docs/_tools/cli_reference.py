@@ -40,9 +40,18 @@ def _reference(root: argparse.ArgumentParser) -> str:
     helps = {choice.dest: choice.help for choice in commands._choices_actions}
     parts = [_usage(root).strip()]
     for name, sub in commands.choices.items():
-        parts.append(f'## `{root.prog} {name}`\n\n{helps.get(name) or ""}\n\n{_usage(sub)}'
-                     f'{_arguments(sub)}')
+        parts.extend(_command(f'{root.prog} {name}', sub, helps.get(name)))
     return '\n\n'.join(parts) + '\n'
+
+
+def _command(title: str, command: argparse.ArgumentParser, help_text: str | None) -> list[str]:
+    """The section of one command; a command with actions of its own (``dlq``) gets one each."""
+    actions = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if actions is None:
+        return [f'## `{title}`\n\n{help_text or ""}\n\n{_usage(command)}{_arguments(command)}']
+    helps = {choice.dest: choice.help for choice in actions._choices_actions}
+    return [part for name, sub in actions.choices.items()
+            for part in _command(f'{title} {name}', sub, helps.get(name))]
 
 
 def _usage(command: argparse.ArgumentParser) -> str:
