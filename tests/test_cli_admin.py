@@ -133,3 +133,39 @@ async def test_requeue_without_ids_moves_every_letter(setup: tuple[AbstractQueue
 
 async def _dead_count(broker: AbstractQueueBroker, name: str, count: int) -> bool:
     return len(await broker.dead_letters(name)) == count
+
+
+async def test_stats_count_in_flight_and_delayed_and_purge_spares_them(
+        setup: tuple[AbstractQueueBroker, str, Path]) -> None:
+    broker, dsn, queues = setup
+    queue = Queue(orjson.loads(queues.read_bytes())['queues'][0]['name'])
+    release, started, handled = asyncio.Event(), asyncio.Event(), []
+
+    class Slow(MicroAgent):
+        @consumer(queue, concurrency=1, prefetch=0)
+        async def handle(self, n: int) -> None:
+            started.set()
+            await release.wait()
+            handled.append(n)
+
+    agent = Slow(broker=broker)
+    await agent.start()
+    await broker.send(queue.name, {'n': 0})
+    await started.wait()
+    await broker.send_many(queue.name, [{'n': 1}, {'n': 2}])
+    await broker.send(queue.name, {'n': 3}, delay=60)
+    amqp = broker.dsn.startswith('amqp')
+    expected = (2, None, None, 0) if amqp else (2, 1, 1, 0)  # RabbitMQ cannot tell two of them
+    await wait_until(lambda: _stats_are(broker, queue.name, expected), what=f'stats {expected}')
+    code, result = await cli(dsn, queues, 'purge', queue.name, '--yes', '--json')
+    assert (code, result) == (0, {'queue': queue.name, 'deleted': 2 if amqp else 3})
+    stats = await broker.queue_stats(queue.name)
+    assert (stats.ready, stats.in_flight) == (0, None if amqp else 1)
+    release.set()
+    await wait_until(lambda: handled == [0], what='the message in flight handled')
+    await agent.stop()
+
+
+async def _stats_are(broker: AbstractQueueBroker, name: str, expected: tuple[Any, ...]) -> bool:
+    stats = await broker.queue_stats(name)
+    return (stats.ready, stats.delayed, stats.in_flight, stats.dead) == expected
