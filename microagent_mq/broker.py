@@ -80,7 +80,9 @@ class AbstractQueueBroker(ABC):
         outgoing = self._outgoing(name, self._encode(name, message), kwargs)
         if headers is not None:
             outgoing.headers = check_headers(headers)
-        await self._send([outgoing])
+        if self.middlewares:  # tested here, not in a helper: no extra call per send without them
+            await before_send(self.middlewares, [outgoing])
+        await self._publish([outgoing])
 
     async def send_many(self, name: str, messages: Iterable[Message],
                         headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -91,19 +93,26 @@ class AbstractQueueBroker(ABC):
             for outgoing in batch:
                 outgoing.headers = checked
         if batch:
-            await self._send(batch)
+            if self.middlewares:
+                await before_send(self.middlewares, batch)
+            await self._publish(batch)
 
     async def publish(self, message: 'TypedMessage', delay: float | None = None,
                       headers: dict[str, Any] | None = None) -> None:
         """Publish a ``Message`` where its class routes it (a queue, or an exchange and topic)."""
-        await self._send([self._typed_outgoing(message, delay, headers)])
+        outgoing = self._typed_outgoing(message, delay, headers)
+        if self.middlewares:
+            await before_send(self.middlewares, [outgoing])
+        await self._publish([outgoing])
 
     async def publish_many(self, messages: Iterable['TypedMessage'], delay: float | None = None,
                            headers: dict[str, Any] | None = None) -> None:
         """Publish several messages, each routed by its class, in one go."""
         batch = [self._typed_outgoing(m, delay, headers) for m in messages]
         if batch:
-            await self._send(batch)
+            if self.middlewares:
+                await before_send(self.middlewares, batch)
+            await self._publish(batch)
 
     async def bind(self, name: str) -> None:
         """Start reading queue ``name`` with the consumer bound to it."""
@@ -278,12 +287,6 @@ class AbstractQueueBroker(ABC):
         return QueueException(f'{type(self).__name__} does not support {what}')
 
     # helpers ----------------------------------------------------------------------------
-
-    async def _send(self, batch: Sequence[Outgoing]) -> None:
-        """The send path's one way out: middlewares' ``before_send``, then ``_publish``."""
-        if self.middlewares:
-            await before_send(self.middlewares, batch)
-        await self._publish(batch)
 
     def _queue(self, name: str) -> Queue:
         queue = Queue.get(name)

@@ -1,11 +1,12 @@
 """Middleware: hooks around sending and handling, their order, and each message's outcome."""
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from microagent_mq import MessageInfo, MicroAgent, Queue, Reject, Retry, consumer
+from microagent_mq import Message, MessageInfo, MicroAgent, Queue, Reject, Retry, consumer
 from microagent_mq.broker import AbstractQueueBroker
 from microagent_mq.middleware import Middleware, Outcome
 from microagent_mq.tools.memory import MemoryBroker
@@ -91,7 +92,7 @@ async def test_order_broker_outside_agent_inside() -> None:
     await broker.close()
 
 
-@pytest.mark.parametrize('publish', ['send', 'send_many'])
+@pytest.mark.parametrize('publish', ['send', 'send_many', 'publish', 'publish_many'])
 async def test_before_send_headers_reach_the_handler(publish: str) -> None:
     class Stamp(Middleware):
         async def before_send(self, outgoing: Outgoing) -> None:
@@ -107,7 +108,17 @@ async def test_before_send_headers_reach_the_handler(publish: str) -> None:
 
     await Agent(broker=broker).start()
     shared = {'from': 'test'}
-    if publish == 'send':
+
+    @dataclass(frozen=True)
+    class Ping(Message, queue=queue.name):
+        n: int
+
+    if publish == 'publish':
+        await broker.publish(Ping(1), headers=shared)
+        await broker.publish(Ping(2), headers=shared)
+    elif publish == 'publish_many':
+        await broker.publish_many([Ping(1), Ping(2)], headers=shared)
+    elif publish == 'send':
         await broker.send(queue.name, {'n': 1}, headers=shared)
         await broker.send(queue.name, {'n': 2}, headers=shared)
     else:
