@@ -177,3 +177,17 @@ async def test_no_middleware_no_message_info(monkeypatch: pytest.MonkeyPatch) ->
     await broker.send(queue.name, {'n': 1})
     await wait_until(lambda: seen == [1], what='handled')
     await broker.close()
+
+
+def test_every_broker_class_takes_middlewares() -> None:
+    from microagent_mq.factory import broker_from_dsn
+    from microagent_mq.testing import NullBroker, TestBroker
+
+    from .conftest import AMQP_DSN, REDIS_DSN
+
+    hook = Recorder()
+    made = [broker_from_dsn(dsn, middlewares=[hook]) for dsn in (f'memory://{unique()}', REDIS_DSN, AMQP_DSN)]
+    made += [TestBroker(middlewares=[hook]), NullBroker(middlewares=[hook])]
+    assert [type(b).__name__ for b in made if b.middlewares == [hook]] == [
+        'MemoryBroker', 'RedisBroker', 'AMQPBroker', 'TestBroker', 'NullBroker']
+    assert MemoryBroker(f'memory://{unique()}').middlewares == []  # a list of its own each

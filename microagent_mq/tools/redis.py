@@ -247,15 +247,17 @@ class RedisBroker(AbstractQueueBroker):
                 held = {entry['message_id'] for entry in pending}
             except ResponseError:
                 pass  # no group yet: nobody holds anything
-            deleted = int(await self.client.zcard(self.delayed_key(name)))
-            await self.client.delete(self.delayed_key(name))
-            start, entries = '-', await self._page(stream, '-')
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zcard(self.delayed_key(name))
+                pipe.delete(self.delayed_key(name))
+                delayed, _ = await pipe.execute()
+            deleted = int(delayed)
+            entries = await self._page(stream, '-')
             while entries:
                 waiting = [entry_id for entry_id, _ in entries if entry_id not in held]
                 if waiting:
                     deleted += int(await self.client.xdel(stream, *waiting))
-                start = '(' + entries[-1][0].decode()
-                entries = await self._page(stream, start)
+                entries = await self._page(stream, '(' + entries[-1][0].decode())
         return deleted
 
     async def _purge_dead_letters(self, name: str) -> int:
