@@ -15,6 +15,7 @@ from ..agent import MicroAgent
 from ..broker import AbstractQueueBroker
 from .errors import EXIT_RUNTIME, CLIError
 from .health import HealthServer
+from .observe import Observers
 
 log = logging.getLogger('microagent_mq.cli')
 READY_PROBE_S = 2.0  # a broker that does not answer a length query in this long is not ready
@@ -69,7 +70,7 @@ def restrict(agent: MicroAgent, only: set[str]) -> None:
 
 async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[MicroAgent]],
                      grace: float | None, only: set[str] | None = None,
-                     health_port: int | None = None) -> None:
+                     health_port: int | None = None, observers: Observers | None = None) -> None:
     """Start the agents, wait for SIGINT or SIGTERM, stop them gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,6 +100,8 @@ async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[Micro
             started.append(agent)
         if health is not None:
             await health.start()
+        if observers is not None:
+            await observers.start([c.queue.name for agent in started for c in agent._consumers])
         if status_dir := os.environ.get('MQ_STATUS_FILE'):
             background.append(asyncio.create_task(report_status(Path(status_dir), broker, started)))
         background.append(asyncio.create_task(watch_parent(stop)))
@@ -112,6 +115,8 @@ async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[Micro
         await asyncio.gather(*background, return_exceptions=True)
         if health is not None:
             await health.stop()
+        if observers is not None:
+            await observers.stop()
         for agent in reversed(started):
             try:
                 await agent.stop(grace)

@@ -23,6 +23,7 @@ import orjson
 
 from .errors import EXIT_OK, EXIT_RUNTIME, CLIError
 from .health import HealthServer
+from .observe import AggregateMetrics
 
 log = logging.getLogger('microagent_mq.cli')
 BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S = 0.5, 30.0, 60.0
@@ -44,7 +45,8 @@ class Supervisor:
     """Starts ``count`` workers with ``worker_args`` and keeps them running until told to stop."""
 
     def __init__(self, worker_args: Sequence[str], count: int, grace: float | None,
-                 reload_dirs: Sequence[str] = (), health_port: int | None = None) -> None:
+                 reload_dirs: Sequence[str] = (), health_port: int | None = None,
+                 metrics_port: int | None = None) -> None:
         self.worker_args = list(worker_args)
         self.workers = [Worker(i) for i in range(count)]
         self.grace = 30.0 if grace is None else grace
@@ -55,6 +57,8 @@ class Supervisor:
         self._failed = False
         self._wake = asyncio.Event()
         self._status_dir = Path(tempfile.mkdtemp(prefix='microagent-mq-'))
+        # --metrics-port: the workers record, the supervisor serves their aggregate.
+        self._metrics = AggregateMetrics(metrics_port) if metrics_port is not None else None
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT and every worker has exited; the process exit status."""
@@ -64,6 +68,8 @@ class Supervisor:
         health = HealthServer(self.health_port, self._ready) if self.health_port else None
         if health is not None:
             await health.start()
+        if self._metrics is not None:
+            self._metrics.start()
         watcher = asyncio.create_task(self._watch()) if self.reload_dirs else None
         try:
             for worker in self.workers:
@@ -77,6 +83,8 @@ class Supervisor:
                 await asyncio.gather(watcher, return_exceptions=True)
             if health is not None:
                 await health.stop()
+            if self._metrics is not None:
+                self._metrics.close()
             for worker in self.workers:
                 if worker.status_file is not None:
                     worker.status_file.unlink(missing_ok=True)
@@ -112,6 +120,9 @@ class Supervisor:
         worker.status_file.unlink(missing_ok=True)
         env = {**os.environ, 'MQ_SUPERVISED': '1', 'MQ_WORKER_INDEX': str(worker.index),
                'MQ_STATUS_FILE': str(worker.status_file)}
+        if self._metrics is not None:
+            env.pop('MQ_METRICS_PORT', None)  # the supervisor serves; workers only record
+            env.update(self._metrics.worker_env())
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, '-m', 'microagent_mq', *self.worker_args, env=env)
         worker.started_at = time.monotonic()
@@ -143,6 +154,8 @@ class Supervisor:
     async def _exited(self, worker: Worker) -> None:
         assert worker.proc is not None
         code = worker.proc.returncode
+        if self._metrics is not None:
+            self._metrics.worker_exited(worker.proc.pid)
         if self._stopping:
             never_started = worker.status_file is None or not worker.status_file.exists()
             if code == -signal.SIGTERM and never_started:
