@@ -376,3 +376,29 @@ async def test_review_unhashable_type_header_is_dead_lettered_not_lost() -> None
         assert [d.message_id for d in await broker.dead_letters(name)] == ['foreign-1']
     finally:
         await agent.stop(grace=1)
+
+
+@pytest.mark.xfail(strict=True, reason='broker.py send_many passes message_id= to every message of a batch: '
+                                       'they share one id, and an idempotent consumer handles only the first '
+                                       '(the rest are acked as duplicates)')
+async def test_review_send_many_with_a_message_id_loses_no_message() -> None:
+    from microagent_mq.exceptions import ConfigurationError
+
+    broker, queue, calls = memory(), Queue(unique()), Calls()
+
+    class Agent(MicroAgent):
+        @consumer(queue, idempotent=True)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n})
+
+    agent = Agent(broker=broker)
+    await agent.start()
+    try:
+        try:
+            await broker.send_many(queue.name, [{'n': 1}, {'n': 2}, {'n': 3}], message_id='order-7')
+        except ConfigurationError:
+            return  # refusing one id for several messages is a fix too
+        await calls.wait_for(3, timeout_s=5)
+        assert sorted(c['n'] for c in calls.items) == [1, 2, 3]
+    finally:
+        await agent.stop(grace=1)
