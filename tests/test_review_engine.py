@@ -402,3 +402,14 @@ async def test_review_send_many_with_a_message_id_loses_no_message() -> None:
         assert sorted(c['n'] for c in calls.items) == [1, 2, 3]
     finally:
         await agent.stop(grace=1)
+
+
+@pytest.mark.xfail(strict=True, reason='broker.py publish() of a dict (send() confused with publish()) says '
+                                       '"message class dict has no route: declare it with queue=..." instead '
+                                       'of saying publish takes a Message instance')
+async def test_review_publish_of_a_dict_says_it_needs_a_message() -> None:
+    from microagent_mq.exceptions import ConfigurationError
+
+    broker = memory()
+    with pytest.raises(ConfigurationError, match='not a Message'):
+        await broker.publish({'user_id': 1})  # type: ignore[arg-type]
