@@ -40,7 +40,7 @@ def agent_on(queue: Queue, handler: Callable[..., Any], **options: Any) -> type[
     return Agent
 
 
-@pytest.mark.xfail(strict=True, reason='tools/amqp_consumer.py:149/248 a graceful stop "releases" the '
+@pytest.mark.xfail(strict=True, reason='tools/amqp_consumer.py:198/239 a graceful stop "releases" the '
                                        'prefetched messages by publishing copies to the back of the queue: '
                                        'they now come after everything sent later (DESIGN: a graceful stop '
                                        'never reorders a queue)')
@@ -76,8 +76,8 @@ async def test_review_graceful_stop_keeps_the_queue_order(
     assert [item['n'] for item in items] == list(range(1, 12))
 
 
-FOREIGN_IDS = ('tools/amqp_consumer.py:292 gives a foreign message without message_id the id '
-               'body-<hash of its body>, and idempotency.py:118 takes it for a sender\'s id: of two '
+FOREIGN_IDS = ('tools/amqp_consumer.py:291 gives a foreign message without message_id the id '
+               'body-<hash of its body>, and idempotency.py:116 takes it for a sender\'s id: of two '
                'equal messages (two "+1" events), the second is acked and never handled')
 
 
@@ -114,8 +114,8 @@ async def test_review_idempotent_consumer_handles_two_equal_foreign_messages(
     assert calls.items == [{'n': 1}, {'n': 1}]
 
 
-SHARED_STOP = ('agent.py:193-195 an agent that stops closes the broker once broker._bindings is empty, '
-               'but broker.py:131 empties a binding when another agent\'s stop BEGINS: the connection '
+SHARED_STOP = ('agent.py:192 an agent that stops closes the broker once broker._bindings is empty, '
+               'but broker.py:139 empties a binding when another agent\'s stop BEGINS: the connection '
                'closes under that agent\'s running handler and buffer, so its ack and releases fail and '
                'RabbitMQ redelivers them as crashes (charged an attempt; here dead-lettered)')
 
@@ -161,7 +161,7 @@ async def test_review_two_agents_stopping_together_charge_no_attempt(
     assert sorted(item['n'] for item in later.items) == [1, 2, 3, 4]  # 0 was handled and acked
 
 
-PEEK = ('tools/amqp_consumer.py:141 counts every redelivered message as a crash: a message merely looked '
+PEEK = ('tools/amqp_consumer.py:149 counts every redelivered message as a crash: a message merely looked '
         'at (basic.get + requeue, as the management UI\'s "Get messages" does) is charged an attempt '
         'and, with max_attempts=1, dead-lettered though no handler ever ran')
 

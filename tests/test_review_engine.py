@@ -60,7 +60,7 @@ async def test_review_sync_wrapper_of_async_handler_loses_the_message() -> None:
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='consumer.py:138 a sync handler whose pool thread is still held by '
+@pytest.mark.xfail(strict=True, reason='consumer.py:155 a sync handler whose pool thread is still held by '
                                        'a timed-out call waits in the pool queue under its own deadline: '
                                        'the message times out and is charged (here dead-lettered) though '
                                        'its handler never ran')
@@ -99,7 +99,7 @@ async def test_review_sync_handler_queued_behind_a_stuck_thread_is_charged_witho
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='memory.py:89 requeue_dead_letters rebuilds the Delivery without '
+@pytest.mark.xfail(strict=True, reason='memory.py:95 requeue_dead_letters rebuilds the Delivery without '
                                        'headers: a typed message loses mq-type and is dead-lettered again '
                                        'as "message without a type"')
 async def test_review_requeued_dead_letter_keeps_its_type() -> None:
@@ -143,7 +143,7 @@ async def test_review_requeued_dead_letter_keeps_its_type() -> None:
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='memory.py:74 stores the sender\'s headers dict by reference: '
+@pytest.mark.xfail(strict=True, reason='memory.py:77 stores the sender\'s headers dict by reference: '
                                        'changing it after send() changes the queued message')
 async def test_review_memory_send_copies_the_headers() -> None:
     broker, queue, seen = memory(), Queue(unique()), Calls()
@@ -178,7 +178,7 @@ class SlowSubscribeBroker(MemoryBroker):
         return await super()._subscribe(consumer)
 
 
-@pytest.mark.xfail(strict=True, reason='broker.py:106-118 unbind() during a bind() in progress finds no '
+@pytest.mark.xfail(strict=True, reason='broker.py:109-139 unbind() during a bind() in progress finds no '
                                        'runner, returns, and the bind then starts one: the queue is '
                                        'consumed after unbind (and close) returned, by a runner nobody stops')
 async def test_review_unbind_during_bind_leaves_a_runner_consuming() -> None:
@@ -234,8 +234,8 @@ class _Sub(Subscription):
         return None
 
 
-@pytest.mark.xfail(strict=True, reason='engine.py:216 a handler cancelled past the stop grace releases its '
-                                       'message on its own, then engine.py:111 releases the buffer in '
+@pytest.mark.xfail(strict=True, reason='engine.py:232 a handler cancelled past the stop grace releases its '
+                                       'message on its own, then engine.py:115 releases the buffer in '
                                        'front of it: the cancelled message goes behind the ones fetched '
                                        'after it (a stop reorders the queue)')
 async def test_review_stop_past_grace_keeps_the_cancelled_message_first() -> None:
@@ -270,7 +270,7 @@ async def test_review_stop_past_grace_keeps_the_cancelled_message_first() -> Non
         await rest.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='agent.py:183-193 a post_start hook that raises fails start() but '
+@pytest.mark.xfail(strict=True, reason='agent.py:166-174 a post_start hook that raises fails start() but '
                                        'leaves every consumer of the agent running: nobody owns them '
                                        '(start() cleans up only a failed bind)')
 async def test_review_failed_start_leaves_no_consumer_running() -> None:
@@ -335,7 +335,7 @@ async def test_review_test_broker_requeue_keeps_the_type() -> None:
         await agent.stop(grace=1)
 
 
-UNHASHABLE = ('engine.py:175 only PoisonMessage is caught around consumer.arguments: an mq-type '
+UNHASHABLE = ('engine.py:189 only PoisonMessage is caught around consumer.arguments: an mq-type '
               'header that is a JSON array (a foreign producer) raises TypeError in consumer.py:97, '
               'the fetch loop dies and restarts, and the popped message is never settled (lost on '
               'memory, hidden on Redis); the rest of its batch waits in the buffer until a new fetch '
