@@ -452,7 +452,8 @@ async def test_review_handler_that_stops_its_agent_is_not_handled_twice() -> Non
     rest = Rest(broker=second)
     await rest.start()
     try:
-        await later.wait_for(1)
-        assert later.items[0] == {'n': 2}  # message 1 was handled by the first agent
+        await second.send(queue.name, {'n': 3})  # sent last: whatever was given back comes before it
+        await wait_until(lambda: {'n': 3} in later.items, what='the last message')
+        assert sorted(item['n'] for item in later.items) == [2, 3]  # 1 was handled by the first agent
     finally:
         await rest.stop(grace=1)
