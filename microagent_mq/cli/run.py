@@ -13,6 +13,7 @@ import orjson
 
 from ..agent import MicroAgent
 from ..broker import AbstractQueueBroker
+from ..exceptions import BrokerUnavailable
 from .errors import EXIT_RUNTIME, CLIError
 from .health import HealthServer
 from .observe import Observers
@@ -20,6 +21,7 @@ from .observe import Observers
 log = logging.getLogger('microagent_mq.cli')
 READY_PROBE_S = 2.0  # a broker that does not answer a length query in this long is not ready
 STATUS_EVERY_S = 1.0  # how often a supervised worker reports its readiness
+START_RETRY_FIRST_S, START_RETRY_MAX_S = 0.5, 10.0  # a broker unreachable at start
 
 
 _early_signals: list[int] = []
@@ -92,11 +94,8 @@ async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[Micro
     background: list[asyncio.Task[None]] = []
     try:
         for agent in agents:
-            try:
-                await agent.start()
-            except Exception as exc:
-                raise CLIError(f'{type(agent).__name__} failed to start: '
-                               f'{type(exc).__name__}: {exc}', EXIT_RUNTIME) from exc
+            if not await start_when_reachable(agent, stop):
+                return  # stopped while the broker was still unreachable: nothing ran
             started.append(agent)
         if health is not None:
             await health.start()
@@ -123,6 +122,27 @@ async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[Micro
             except Exception:
                 log.exception('Stopping %s failed', type(agent).__name__)
         await broker.close()
+
+
+async def start_when_reachable(agent: MicroAgent, stop: asyncio.Event) -> bool:
+    """Start ``agent``, waiting out a broker that is unreachable (a worker started while
+    RabbitMQ restarts must not die of it); False if told to stop first. Other errors are final.
+    """
+    pause = START_RETRY_FIRST_S
+    while True:
+        try:
+            await agent.start()
+            return True
+        except BrokerUnavailable as exc:
+            log.warning('%s cannot start yet: %s; retrying in %.1fs', type(agent).__name__, exc, pause)
+        except Exception as exc:
+            raise CLIError(f'{type(agent).__name__} failed to start: '
+                           f'{type(exc).__name__}: {exc}', EXIT_RUNTIME) from exc
+        try:
+            await asyncio.wait_for(stop.wait(), pause)
+            return False
+        except TimeoutError:
+            pause = min(pause * 2, START_RETRY_MAX_S)
 
 
 async def readiness(broker: AbstractQueueBroker, agents: list[MicroAgent]) -> tuple[bool, dict[str, Any]]:

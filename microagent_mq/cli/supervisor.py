@@ -56,6 +56,8 @@ class Supervisor:
         self._forced = False
         self._failed = False
         self._wake = asyncio.Event()
+        self._replacing: set[int] = set()  # pids a reload stops on purpose: not deaths
+        self._reloading = False  # between a reload's stop of the old workers and its new ones
         self._status_dir = Path(tempfile.mkdtemp(prefix='microagent-mq-'))
         # --metrics-port: the workers record, the supervisor serves their aggregate.
         self._metrics = AggregateMetrics(metrics_port) if metrics_port is not None else None
@@ -129,9 +131,9 @@ class Supervisor:
 
     async def _supervise(self) -> None:
         while True:
-            running = {asyncio.ensure_future(w.proc.wait()): w for w in self.workers
+            running = {asyncio.ensure_future(w.proc.wait()): (w, w.proc) for w in self.workers
                        if w.proc is not None and w.proc.returncode is None}
-            if not running:
+            if not running and not self._reloading:
                 return
             wake = asyncio.ensure_future(self._wake.wait())
             timeout = self.grace + KILL_AFTER_S if self._stopping else None
@@ -147,9 +149,11 @@ class Supervisor:
                 self._failed = True
                 continue
             for task in done:
-                worker = running.get(task)
-                if worker is not None:
-                    await self._exited(worker)
+                if task in running:
+                    worker, proc = running[task]
+                    if proc is worker.proc and proc.pid not in self._replacing:
+                        await self._exited(worker)
+                    # else: a reload replaced it; the reload already started its successor
 
     async def _exited(self, worker: Worker) -> None:
         assert worker.proc is not None
@@ -180,6 +184,8 @@ class Supervisor:
 
     async def _restart_all(self) -> None:
         log.info('Reloading: restarting %d worker(s)', len(self.workers))
+        self._replacing = {w.proc.pid for w in self.workers if w.proc is not None}
+        self._reloading = True
         self._signal_all(signal.SIGTERM)
         for worker in self.workers:
             if worker.proc is not None:
@@ -188,11 +194,14 @@ class Supervisor:
                 except TimeoutError:
                     worker.proc.kill()
                     await worker.proc.wait()
-        for worker in self.workers:
-            if not self._stopping:
-                worker.backoff = BACKOFF_FIRST_S
-                await self._spawn(worker)
-        self._wake.set()
+        try:
+            for worker in self.workers:
+                if not self._stopping:
+                    worker.backoff = BACKOFF_FIRST_S
+                    await self._spawn(worker)
+        finally:
+            self._reloading = False
+            self._wake.set()
 
     async def _watch(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Review of wip-core: the ``--reload`` restart races the supervisor's own restart of a dead worker."""
+"""``--reload`` must not race the supervisor's own restart of a dead worker (found in review)."""
 
 import asyncio
 import sys
@@ -13,11 +13,7 @@ from .conftest import wait_until
 SLEEPER = 'import time; time.sleep(120)'  # dies of the SIGTERM a restart sends
 
 
-@pytest.mark.xfail(strict=True, reason='cli/supervisor.py:168 _restart_all SIGTERMs the workers while '
-                                       '_supervise still watches them: _exited (:143) takes each exit for a '
-                                       'death and respawns it too, so a reload starts 2 processes per slot '
-                                       'and the supervisor loses track of one (never signalled on stop)')
-async def test_review_reload_starts_one_process_per_worker(tmp_path: Path) -> None:
+async def test_a_reload_starts_one_process_per_worker(tmp_path: Path) -> None:
     supervisor = Supervisor([], 2, grace=5)
     spawned: list[asyncio.subprocess.Process] = []
 
