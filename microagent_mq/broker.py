@@ -118,6 +118,30 @@ class AbstractQueueBroker(ABC):
                 await before_send(self.middlewares, batch)
             await self._publish(batch)
 
+    async def send_stored(self, name: str, body: bytes, *, exchange: bool = False, topic: str = '',
+                          delay: float = 0.0, headers: dict[str, Any] | None = None,
+                          message_id: str | None = None) -> None:
+        """Send a message encoded and checked earlier (an outbox row), exactly as it was then.
+
+        ``name`` is a queue, or an exchange when ``exchange``; ``headers`` may carry the library's
+        own names (a typed message's type), so they are not checked again. A queue or exchange
+        this process has not declared is taken as the stored message names it.
+        """
+        options = {key: value for key, value in
+                   (('topic', topic), ('delay', delay), ('message_id', message_id)) if value}
+        try:
+            outgoing = self._outgoing(name, body, options)
+        except QueueNotFound:
+            if exchange:
+                outgoing = self._outgoing_unbound(name, body, options)
+            else:
+                Queue(name)
+                outgoing = self._outgoing(name, body, options)
+        outgoing.headers = headers
+        if self.middlewares:
+            await before_send(self.middlewares, [outgoing])
+        await self._publish([outgoing])
+
     async def bind(self, name: str) -> None:
         """Start reading queue ``name`` with the consumer bound to it."""
         consumer = self._bindings.get(name)
@@ -323,8 +347,9 @@ class AbstractQueueBroker(ABC):
         # there the message is not stored, as RabbitMQ does with one no queue asked for.
         self.log.debug('No queue of exchange %s is declared here', exchange)
         delay = _checked_delay(options.get('delay') or 0.0)
-        return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (), exchange,
-                        options.get('topic', ''), float(delay), sent_at=time.time())
+        message_id = options.get('message_id') or f'{self._id_prefix}{next(self._ids):x}'
+        return Outgoing(body, message_id, (), exchange, options.get('topic', ''), float(delay),
+                        sent_at=time.time())
 
     def _encode(self, name: str, message: Message) -> bytes:
         queue = Queue.get(name)

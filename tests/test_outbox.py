@@ -259,3 +259,55 @@ async def test_notify_wakes_the_relay_even_after_its_listen_connection_died(
 
 async def _sent_is(outbox: Outbox, count: int) -> bool:
     return await outbox.sent() == count
+
+
+async def test_typed_messages_go_through_the_outbox_with_their_type(
+        outbox: Outbox, broker: RecordingBroker) -> None:
+    # The seed's register_event(UserRegistered(...)): a typed event and a typed task, added in
+    # a transaction, reach the handlers of their types (the type travels in the stored headers).
+    from dataclasses import dataclass
+
+    from microagent_mq import Message, MessageInfo
+
+    exchange, queue, tasks = unique('ev'), unique('welcome'), unique('tasks')
+
+    @dataclass(frozen=True)
+    class UserRegistered(Message, exchange=exchange, topic='user.registered'):
+        user_id: int
+
+    @dataclass(frozen=True)
+    class GenerateInvoice(Message, queue=tasks):
+        order: str
+
+    seen: list[tuple[str, object, int]] = []
+    done = Calls()
+
+    class Agent(MicroAgent):
+        @consumer(UserRegistered, queue=queue)
+        async def welcome(self, dto: UserRegistered, info: MessageInfo) -> None:
+            seen.append((info.type_name, dto, info.attempt))
+            done.add({})
+
+        @consumer(GenerateInvoice)
+        async def invoice(self, dto: GenerateInvoice, info: MessageInfo) -> None:
+            seen.append((info.type_name, dto, info.attempt))
+            done.add({})
+
+    agent = Agent(broker=broker)
+    await agent.start()  # binds the event's queue before anything is published
+    with pytest.raises(RuntimeError):
+        async with AsyncSession(outbox.engine) as session, session.begin():
+            await outbox.add(session, UserRegistered(0))
+            raise RuntimeError('rolled back')
+    async with AsyncSession(outbox.engine) as session, session.begin():
+        first = await outbox.add(session, UserRegistered(1))
+        second = await outbox.add(session, GenerateInvoice('o-1'), message_id='invoice-o-1')
+    assert await OutboxRelay(outbox, broker).run_once() == 2
+    await done.wait_for(2)
+    await agent.stop()
+    assert sorted((name.rpartition('.')[2], dto, attempt) for name, dto, attempt in seen) == [
+        ('GenerateInvoice', GenerateInvoice('o-1'), 1), ('UserRegistered', UserRegistered(1), 1)]
+    assert broker.published == [first, 'invoice-o-1'] and second == 'invoice-o-1'
+    with pytest.raises(ConfigurationError, match='carries its own data'):
+        async with AsyncSession(outbox.engine) as session, session.begin():
+            await outbox.add(session, UserRegistered(2), {'user_id': 2})

@@ -97,8 +97,12 @@ class OutboxRelay:
             for row in (await conn.execute(query)).all():
                 try:
                     options: dict[str, Any] = orjson.loads(row.options)
-                    await self.broker.send(row.queue, bytes(row.body), message_id=row.message_id,
-                                           **options)
+                    if options.pop('stored', False):  # a typed message, routed at add()
+                        await self.broker.send_stored(row.queue, bytes(row.body),
+                                                      message_id=row.message_id, **options)
+                    else:
+                        await self.broker.send(row.queue, bytes(row.body), message_id=row.message_id,
+                                               **options)
                 except PERMANENT as exc:
                     self.log.error('Outbox row %s (%s) refused for good: %r', row.id, row.queue, exc)
                     failed.append((row.id, f'{type(exc).__name__}: {exc}'))

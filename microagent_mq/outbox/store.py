@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..exceptions import ConfigurationError, QueueException
+from ..messages import Message
 from ..transport import DeadLetter, Outgoing, Subscription
 
 PENDING, SENT, FAILED = 0, 1, 2
@@ -126,11 +127,11 @@ class Outbox:
 
     def row(self, message_or_queue: Any, data: Any, send_options: dict[str, Any]) -> dict[str, Any]:
         """The row for a message, validated as ``send`` would (so errors show at ``add``)."""
+        if isinstance(message_or_queue, Message):
+            return self._typed_row(message_or_queue, data, send_options)
         if not isinstance(message_or_queue, str):
-            # Typed ``Message`` instances are not taken yet: their type travels in reserved
-            # headers, which the relay's send path refuses (a later step: store the headers).
-            raise ConfigurationError(f'outbox.add takes a queue or exchange name and a dict, '
-                                     f'not {type(message_or_queue).__name__}')
+            raise ConfigurationError(f'outbox.add takes a Message, or a queue or exchange name and '
+                                     f'a dict, not {type(message_or_queue).__name__}')
         message_id = send_options.pop('message_id', None) or uuid.uuid4().hex
         body = _CHECKER._encode(message_or_queue, data)
         outgoing = _CHECKER._outgoing(message_or_queue, body, {**send_options, 'message_id': message_id})
@@ -139,6 +140,26 @@ class Outbox:
             'queue': message_or_queue,
             'body': outgoing.body,
             'options': orjson.dumps(send_options).decode(),
+            'status': PENDING,
+            'created_at': time.time(),
+        }
+
+    def _typed_row(self, message: Message, data: Any, send_options: dict[str, Any]) -> dict[str, Any]:
+        # Routed and encoded now, as publish() would; the row keeps the type and topic headers
+        # so the relay sends exactly this (broker.send_stored).
+        if data is not None:
+            raise ConfigurationError('outbox.add(message): a Message carries its own data; drop data=')
+        if unknown := send_options.keys() - {'delay', 'headers', 'message_id'}:
+            raise ConfigurationError(f'outbox.add(message): unknown options {sorted(unknown)}')
+        message_id = send_options.get('message_id') or uuid.uuid4().hex
+        outgoing = _CHECKER._typed_outgoing(message, send_options.get('delay'), send_options.get('headers'))
+        stored = {'stored': True, 'exchange': bool(outgoing.exchange), 'topic': outgoing.topic,
+                  'delay': outgoing.delay, 'headers': outgoing.headers}
+        return {
+            'message_id': message_id,
+            'queue': outgoing.exchange or outgoing.queues[0],
+            'body': outgoing.body,
+            'options': orjson.dumps(stored).decode(),
             'status': PENDING,
             'created_at': time.time(),
         }
