@@ -65,18 +65,20 @@ def make_broker(kind: str, namespace: str) -> AbstractQueueBroker:
         from microagent_mq.tools.memory import MemoryBroker
 
         return MemoryBroker(f'memory://{namespace}')
-    require_server(kind)
+    require_server('amqp' if kind == 'amqp_quorum' else kind)
     if kind == 'redis':
         from microagent_mq.tools.redis import RedisBroker
 
         return RedisBroker(REDIS_DSN, prefix=f'test:{namespace}:')
     from microagent_mq.tools.amqp import AMQPBroker
 
-    return AMQPBroker(AMQP_DSN)
+    # amqp_quorum: every queue that does not say otherwise is a quorum queue
+    return AMQPBroker(AMQP_DSN, durability='quorum' if kind == 'amqp_quorum' else 'classic')
 
 
 @pytest.fixture(params=['memory', pytest.param('redis', marks=pytest.mark.redis),
-                        pytest.param('amqp', marks=pytest.mark.amqp)])
+                        pytest.param('amqp', marks=pytest.mark.amqp),
+                        pytest.param('amqp_quorum', marks=pytest.mark.amqp)])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -112,7 +114,7 @@ async def cleanup(kind: str, namespace: str, brokers: list[AbstractQueueBroker])
         if keys:
             await client.delete(*keys)
         await client.aclose()
-    elif kind == 'amqp':
+    elif kind in ('amqp', 'amqp_quorum'):
         await delete_amqp_queues(list(Queue.get_all()), list(Queue.exchanges()))
 
 
