@@ -4,9 +4,11 @@ The contract, stop and crash suites run on quorum queues too (broker kind ``amqp
 these are what only quorum queues have.
 """
 
+import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -17,6 +19,7 @@ from microagent_mq.broker import AbstractQueueBroker
 from microagent_mq.exceptions import QueueException, QueueSourceError
 from microagent_mq.loader import declare_queues
 from microagent_mq.tools.amqp import AMQPBroker
+from microagent_mq.tools.amqp_consumer import AMQPSubscription
 
 from .conftest import AMQP_DSN, Calls, cleanup, make_broker, require_server, unique, wait_until
 from .test_contract import start
@@ -186,3 +189,91 @@ async def test_a_crash_redelivery_keeps_its_place(
     await crew.start('record', **options)
     await wait_until(lambda: len(crew.handled()) == 20, timeout_s=30, what='20 handled')
     assert crew.handled() == list(range(1, 21))
+
+
+class Proxy:
+    """A TCP proxy to RabbitMQ owned by one test: ``cut()`` drops every connection through it."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._accept, '127.0.0.1', 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return urlsplit(AMQP_DSN)._replace(netloc=f'guest:guest@127.0.0.1:{port}').geturl()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = urlsplit(AMQP_DSN).hostname, urlsplit(AMQP_DSN).port or 5672
+        up_reader, up_writer = await asyncio.open_connection(host, port)
+        self._writers |= {writer, up_writer}
+        for source, target in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, target))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                target.write(data)
+                await target.drain()
+        except OSError:
+            pass
+        finally:
+            target.close()
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+async def test_a_cut_connection_counts_only_the_message_in_a_handler(
+        broker_factory: Callable[[], AbstractQueueBroker]) -> None:
+    # The consumer's connection drops while its handler holds message 1 and messages 2-6 wait
+    # in its buffer. RabbitMQ returns all six, each counted once; message 1 may have been
+    # handled (attempt 2), but 2-6 were never handed out (dropped as stale): attempt 1.
+    proxy = Proxy()
+    dsn = await proxy.start()
+    queue, calls = Queue(unique()), Calls()
+    holding, go_on = asyncio.Event(), asyncio.Event()
+
+    class Agent(MicroAgent):
+        @consumer(queue, concurrency=1, prefetch=8)
+        async def handle(self, n: int, info: MessageInfo) -> None:
+            calls.add({'n': n, 'attempt': info.attempt})
+            if n == 1 and info.attempt == 1:
+                holding.set()
+                await go_on.wait()
+
+    sender = broker_factory()
+    consuming = AMQPBroker(dsn, durability='quorum', reconnect_interval=0.1)
+    agent = Agent(broker=consuming)
+    try:
+        await sender.send_many(queue.name, [{'n': n} for n in range(1, 7)])
+        await agent.start()
+        await asyncio.wait_for(holding.wait(), 20)
+        subscription = consuming._runners[queue.name]._sub
+        assert isinstance(subscription, AMQPSubscription)
+        await wait_until(lambda: len(subscription._incoming) == 5, what='2-6 buffered')
+        proxy.cut()
+        await wait_until(subscription._closed, what='the cut seen')
+        go_on.set()
+        items = await calls.wait_for(7)
+        assert items == [{'n': 1, 'attempt': 1}, {'n': 1, 'attempt': 2},
+                         *({'n': n, 'attempt': 1} for n in range(2, 7))]
+    finally:
+        await agent.stop(grace=1)
+        await consuming.close()
+        await proxy.close()
