@@ -159,6 +159,27 @@ async def test_the_delay_ladder_delivers_into_quorum_queues(broker: AbstractQueu
     assert await queue_type(direct.name) == await queue_type(bound.name) == 'quorum'
 
 
+async def test_a_producers_delivery_count_header_is_not_a_count(
+        broker: AbstractQueueBroker) -> None:
+    # A copy of a message from another quorum queue (a shovel, a script) may carry the header;
+    # only RabbitMQ's count on a redelivery is one.
+    queue, calls = Queue(unique()), Calls()
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, n: int, info: MessageInfo) -> None:
+            calls.add({'n': n, 'attempt': info.attempt})
+
+    await broker.send(queue.name, {'n': 0})  # declares it
+    connection = await aio_pika.connect(AMQP_DSN)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(aio_pika.Message(
+            b'{"n": 1}', message_id='copied', headers={'x-delivery-count': 4}), queue.name)
+    await Agent(broker=broker).start()
+    assert await calls.wait_for(2) == [{'n': 0, 'attempt': 1}, {'n': 1, 'attempt': 1}]
+
+
 # crashes ------------------------------------------------------------------------------
 
 

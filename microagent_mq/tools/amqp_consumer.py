@@ -262,7 +262,7 @@ class AMQPSubscription(Subscription):
 
     def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
         delivery = _delivery(message)
-        if self._quorum:
+        if self._quorum and message.redelivered:  # a producer's own header is no count
             returns = delivery_count(message)
             if returns and self._was_dropped(message):
                 returns -= 1  # that return was ours, of a message never handed out
