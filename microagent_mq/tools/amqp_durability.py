@@ -19,7 +19,8 @@ its channel closed (a crash, a cut connection, a clean close too) or it was nack
 with requeue. A message coming back by a channel close keeps its place in the queue; one
 nacked or rejected with requeue goes to the back. So here:
 
-- **attempt = ``x-attempt`` + ``x-delivery-count``.** A crash's redelivery is handled in place,
+- **attempt = ``x-attempt`` + ``x-delivery-count``** (the count read on a redelivery only: a
+  producer's copy may carry the header). A crash's redelivery is handled in place,
   not republished: it keeps its position (FIFO holds across a SIGKILL), and the count is the
   broker's, so ``max_attempts`` holds across any number of kills.
 - **A graceful release still republishes** (the copy carries the attempt so far, with a fresh
@@ -29,6 +30,10 @@ nacked or rejected with requeue goes to the back. So here:
 - A message dropped from the buffer as stale (its channel closed before it was handed out)
   was never handled: when it comes back to the same consumer, the one return it caused is
   not counted (to another consumer it is: an over-count, never an under-count).
+- One over-count this cannot avoid: a message RabbitMQ 3.10 was still handing to a consumer
+  when its ``basic.cancel`` arrived never reaches the consumer, yet comes back counted
+  (traced at the frame level; seen in a few of the stops of a stress test). Classic queues
+  do not do this. See docs/brokers/rabbitmq.md, "Quorum queues".
 """
 
 import re
