@@ -180,6 +180,39 @@ async def test_a_producers_delivery_count_header_is_not_a_count(
     assert await calls.wait_for(2) == [{'n': 0, 'attempt': 1}, {'n': 1, 'attempt': 1}]
 
 
+async def test_graceful_stops_under_load_lose_and_repeat_nothing(
+        broker_factory: Callable[[], AbstractQueueBroker]) -> None:
+    # test_core_fixes' stop-under-load test with max_attempts=3: the over-count a cancel can
+    # cause on a quorum queue (docs: Quorum queues) costs an attempt, never a message.
+    queue, calls = Queue(unique()), Calls()
+    sender, broker = broker_factory(), broker_factory()
+    sent, producing = 0, True
+
+    async def produce() -> None:
+        nonlocal sent
+        while producing:
+            await sender.send(queue.name, {'n': sent})
+            sent += 1
+            await asyncio.sleep(0.001)
+
+    async def handler(n: int) -> None:
+        calls.add({'n': n})
+
+    producer = asyncio.create_task(produce())
+    try:
+        for _ in range(8):
+            agent = await start(broker, queue, handler, max_attempts=3)
+            await asyncio.sleep(0.05)  # let it consume a while before the next stop
+            await agent.stop(grace=5)
+    finally:
+        producing = False
+        await producer
+    await start(broker, queue, handler, max_attempts=3)
+    await calls.wait_for(sent)
+    assert sorted(item['n'] for item in calls.items) == list(range(sent))
+    assert await broker.dead_letters(queue.name) == []
+
+
 # crashes ------------------------------------------------------------------------------
 
 
