@@ -11,11 +11,11 @@ from typing import Any, NamedTuple
 import orjson
 
 from .exceptions import ConfigurationError, QueueSourceError
-from .queue import Queue, check_name
+from .queue import Queue, check_durability, check_name
 
 URL_TIMEOUT_S = 10.0
 MAX_SOURCE_BYTES = 1024 * 1024
-QUEUE_KEYS = frozenset({'name', 'exchange', 'topics'})
+QUEUE_KEYS = frozenset({'name', 'exchange', 'topics', 'durability'})
 # Names a NamedTuple keeps for itself; a queue cannot take them.
 RESERVED = frozenset({'_make', '_replace', '_asdict', '_fields', '_field_defaults'})
 
@@ -46,7 +46,8 @@ def declare_queues(document: Any, source: str = '<dict>') -> NamedTuple:
     if duplicates := sorted({name for name in names if names.count(name) > 1}):
         raise QueueSourceError(f'{source}: duplicate queue names {duplicates}')
     queues = [
-        Queue(spec['name'], spec.get('exchange', ''), tuple(spec.get('topics', ())))
+        Queue(spec['name'], spec.get('exchange', ''), tuple(spec.get('topics', ())),
+              spec.get('durability', ''))
         for spec in specs
     ]
     result: NamedTuple = _named_tuple(names)(*queues)
@@ -70,6 +71,11 @@ def _check_spec(spec: Any, index: int, source: str) -> str:
     topics = spec.get('topics', [])
     if not isinstance(topics, list):
         raise QueueSourceError(f'{where}: "topics" must be a list')
+    if 'durability' in spec:
+        try:
+            check_durability(spec['durability'])
+        except ConfigurationError as exc:
+            raise QueueSourceError(f'{where}: queue {name!r}: {exc}') from exc
     return name
 
 

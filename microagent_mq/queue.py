@@ -12,6 +12,8 @@ from .routing import is_valid_pattern, topic_matches
 __all__ = ['Queue', 'QueueException', 'QueueNotFound', 'SerializingError']
 
 NAME_RE = re.compile(r'^[a-z_][a-z0-9_]*$')
+# How RabbitMQ keeps a queue (other brokers ignore it); '' leaves it to the broker's default.
+DURABILITIES = ('classic', 'quorum')
 
 
 def check_name(name: object, what: str = 'queue name') -> str:
@@ -21,17 +23,28 @@ def check_name(name: object, what: str = 'queue name') -> str:
     return name
 
 
+def check_durability(value: object, where: str = '', allow_default: bool = False) -> str:
+    """Return ``value`` if it is a known durability (or '' when allowed), else raise."""
+    if value in DURABILITIES or (allow_default and value == ''):
+        return str(value)
+    raise ConfigurationError(f'{where}unknown durability {value!r}: expected '
+                             f"{' or '.join(map(repr, DURABILITIES))}")
+
+
 @dataclass(frozen=True)
 class Queue:
     """Declaration of a queue with a project-wide unique name; registered at creation.
 
     ``exchange``: the queue also receives a copy of every message sent to that exchange.
     ``topics``: with an exchange, only messages whose topic matches one of these patterns.
+    ``durability``: ``'classic'`` or ``'quorum'``, the RabbitMQ queue type (replicated, with a
+    delivery count); ``''``: the broker's default. Memory and Redis ignore it.
     """
 
     name: str
     exchange: str = ''
     topics: tuple[str, ...] = field(default=())
+    durability: str = ''
 
     _registry: ClassVar[dict[str, 'Queue']] = {}
     _exchanges: ClassVar[dict[str, tuple['Queue', ...]]] = {}
@@ -51,6 +64,7 @@ class Queue:
                 raise ConfigurationError(f'queue {self.name!r}: invalid topic pattern {pattern!r}')
         if self.name == self.exchange:
             raise ConfigurationError(f'queue {self.name!r} cannot share the name of its exchange')
+        check_durability(self.durability, f'queue {self.name!r}: ', allow_default=True)
         self._register()
 
     def _register(self) -> None:
@@ -83,6 +97,7 @@ class Queue:
             object.__setattr__(view, 'name', name)
             object.__setattr__(view, 'exchange', name)
             object.__setattr__(view, 'topics', ())
+            object.__setattr__(view, 'durability', '')
             return view
         raise QueueNotFound(f'no queue or exchange named {name!r} is declared')
 

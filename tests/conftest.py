@@ -87,7 +87,7 @@ def make_broker(kind: str, namespace: str, dsn: str | None = None,
 
         return MemoryBroker(f'memory://{namespace}')
     if dsn is None:
-        require_server(kind)
+        require_server('amqp' if kind == 'amqp_quorum' else kind)
     if kind == 'redis':
         from microagent_mq.tools.redis import RedisBroker
 
@@ -98,6 +98,8 @@ def make_broker(kind: str, namespace: str, dsn: str | None = None,
         return NATSBroker(dsn or NATS_DSN, prefix=f'test_{namespace}', **options)
     from microagent_mq.tools.amqp import AMQPBroker
 
+    # amqp_quorum: every queue that does not say otherwise is a quorum queue
+    options.setdefault('durability', 'quorum' if kind == 'amqp_quorum' else 'classic')
     return AMQPBroker(dsn or AMQP_DSN, **options)
 
 
@@ -158,7 +160,8 @@ def own_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]
 
 @pytest.fixture(params=['memory', pytest.param('redis', marks=pytest.mark.redis),
                         pytest.param('amqp', marks=pytest.mark.amqp),
-                        pytest.param('nats', marks=pytest.mark.nats)])
+                        pytest.param('nats', marks=pytest.mark.nats),
+                        pytest.param('amqp_quorum', marks=pytest.mark.amqp)])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -197,7 +200,7 @@ async def cleanup(kind: str, namespace: str, brokers: list[AbstractQueueBroker])
         if keys:
             await client.delete(*keys)
         await client.aclose()
-    elif kind == 'amqp':
+    elif kind in ('amqp', 'amqp_quorum'):
         await delete_amqp_queues(list(Queue.get_all()), list(Queue.exchanges()))
     elif kind == 'nats':
         await delete_nats_streams(f'test_{namespace}')

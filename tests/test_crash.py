@@ -22,7 +22,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(params=[pytest.param('redis', marks=pytest.mark.redis),
                         pytest.param('amqp', marks=pytest.mark.amqp),
-                        pytest.param('nats', marks=pytest.mark.nats)])
+                        pytest.param('nats', marks=pytest.mark.nats),
+                        pytest.param('amqp_quorum', marks=pytest.mark.amqp)])
 def server_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

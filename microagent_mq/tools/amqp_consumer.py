@@ -1,6 +1,8 @@
 """A consumer on its own RabbitMQ channel: RabbitMQ pushes, the engine fetches.
 
-How the attempt rule (DESIGN.md "Attempts: the one rule") holds on RabbitMQ:
+How the attempt rule (DESIGN.md "Attempts: the one rule") holds on RabbitMQ (classic
+queues; a quorum queue counts returns itself, and its crash redeliveries are handled in place:
+see ``amqp_durability`` for what differs there):
 
 - **Crashes count.** A classic queue does not count deliveries. RabbitMQ redelivers a
   message (``redelivered`` set) only when a channel holding it closed without settling it:
@@ -61,6 +63,7 @@ from aiormq.abc import AbstractChannel as Underlay
 from ..queue import Queue
 from ..transport import Delivery, Subscription, now_s
 from .amqp_codec import attempt_of, headers_of, sent_at_of
+from .amqp_durability import declare_queue, delivery_count
 from .amqp_tx import Step, Transactions
 
 if TYPE_CHECKING:
@@ -77,6 +80,9 @@ class AMQPSubscription(Subscription):
         self._broker = broker
         self._queue = queue
         self._name = queue.name
+        # A quorum queue counts returns itself: see ``amqp_durability`` for that rule.
+        self._durability = broker.durability_of(queue)
+        self._quorum = self._durability == 'quorum'
         self._capacity = capacity  # the QoS prefetch
         self._hand_out = hand_out  # most messages one fetch hands to the engine
         self._incoming: deque[AbstractIncomingMessage] = deque()
@@ -98,7 +104,7 @@ class AMQPSubscription(Subscription):
         try:
             await channel.set_qos(prefetch_count=self._capacity)
             consuming = await self._broker.declare(channel, self._queue)
-            await channel.declare_queue(f'{self._name}.dlq', durable=True)
+            await declare_queue(channel, f'{self._name}.dlq', self._durability)
             underlay = await channel.get_underlay_channel()
             await self._tx.select(underlay)
             channel.close_callbacks.add(lambda *_: self._wake())
@@ -146,7 +152,7 @@ class AMQPSubscription(Subscription):
             message = incoming.popleft()
             if self._underlay_of(message) is None:
                 self._drop(message)
-            elif message.redelivered and not self._was_dropped(message):
+            elif message.redelivered and not self._quorum and not self._was_dropped(message):
                 try:
                     await self._count_redelivery(message)
                 except BaseException:
@@ -158,12 +164,12 @@ class AMQPSubscription(Subscription):
                         return batch
                     raise
             else:
-                batch.append(_delivery(message))
+                batch.append(self._delivery(message))
         return batch
 
     async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
         # See the module's docstring: a redelivery is a crash, recorded in the message itself.
-        delivery = _delivery(message)
+        delivery = self._delivery(message)
         await self._move(delivery, self._name, delivery.attempt + 1, 'crash count', requeue=False)
 
     async def stop_fetching(self) -> None:
@@ -212,7 +218,7 @@ class AMQPSubscription(Subscription):
             return
         steps: list[Step] = []
         if target != self._name:  # a copy to a queue deleted behind our back would be lost
-            steps.append(lambda: channel.declare_queue(target, durable=True))
+            steps.append(lambda: declare_queue(channel, target, self._durability))
         steps.append(lambda: self._broker.republish(
             target, delivery.body, delivery.message_id, attempt, delay, headers=headers,
             user_headers=delivery.headers, sent_at=delivery.sent_at, channel=channel))
@@ -244,15 +250,24 @@ class AMQPSubscription(Subscription):
                 message = self._incoming.popleft()
                 if self._underlay_of(message) is None:
                     continue
-                delivery = _delivery(message)
+                delivery = self._delivery(message)  # on a quorum queue, counted already
                 # A crash's count is still owed; a stale copy's never was.
-                if message.redelivered and not self._was_dropped(message):
+                if not self._quorum and message.redelivered and not self._was_dropped(message):
                     delivery.attempt += 1
                 await self._move(delivery, self._name, delivery.attempt, 'release')
             await self._tx.close()
         finally:
             if self._channel is not None:
                 await _close(self._channel)
+
+    def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
+        delivery = _delivery(message)
+        if self._quorum and message.redelivered:  # a producer's own header is no count
+            returns = delivery_count(message)
+            if returns and self._was_dropped(message):
+                returns -= 1  # that return was ours, of a message never handed out
+            delivery.attempt += returns
+        return delivery
 
     def _underlay_of(self, message: AbstractIncomingMessage) -> Underlay | None:
         """The open channel ``message`` came on; None when stale (RabbitMQ requeued it)."""
