@@ -11,14 +11,26 @@ from .routing import is_valid_pattern, topic_matches
 
 __all__ = ['Queue', 'QueueException', 'QueueNotFound', 'SerializingError']
 
-NAME_RE = re.compile(r'^[a-z_][a-z0-9_]*$')
+# Identifiers, and names of other systems such as ``bioconnect-id-service``: lower case,
+# digits and ``_``, parts joined by ``-`` or ``.``, none empty.
+NAME_RE = re.compile(r'^[a-z0-9_]+(?:[.-][a-z0-9_]+)*$')
+# Suffixes the transports give to keys and queues of their own (dead letters).
+RESERVED_SUFFIXES = ('.dlq',)
 
 
 def check_name(name: object, what: str = 'queue name') -> str:
     """Return ``name`` if it is a valid queue or exchange name, else raise."""
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ConfigurationError(f'invalid {what} {name!r}: must match [a-z_][a-z0-9_]*')
+        raise ConfigurationError(f'invalid {what} {name!r}: lower-case letters, digits and _, '
+                                 f'parts joined by - or . (like user_created or bioconnect-id-service)')
+    if name.endswith(RESERVED_SUFFIXES):
+        raise ConfigurationError(f'invalid {what} {name!r}: {RESERVED_SUFFIXES[0]} names dead letters')
     return name
+
+
+def identifier(name: str) -> str:
+    """The Python identifier form of a queue name: ``bioconnect-id-service`` → ``bioconnect_id_service``."""
+    return name.replace('-', '_').replace('.', '_')
 
 
 @dataclass(frozen=True)

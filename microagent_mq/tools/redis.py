@@ -154,7 +154,9 @@ class RedisBroker(AbstractQueueBroker):
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         queue = consumer.queue.name
         visibility = consumer.config.visibility(consumer.timeout)
-        subscription = RedisSubscription(self, queue, visibility)
+        # A pull session names its own group member (pull.py): closing one must not
+        # delete the pending entries of another consumer of this broker.
+        subscription = RedisSubscription(self, queue, visibility, getattr(consumer, 'member', None))
         async with self.guard():
             await subscription.create_group()
         self._delayed_watch.add(queue)

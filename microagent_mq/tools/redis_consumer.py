@@ -22,11 +22,12 @@ RELEASED_IDLE_MS = 10**10  # a released message looks abandoned for ages: claime
 class RedisSubscription(Subscription):
     """One consumer in the queue's consumer group."""
 
-    def __init__(self, broker: 'RedisBroker', queue: str, visibility_s: float) -> None:
+    def __init__(self, broker: 'RedisBroker', queue: str, visibility_s: float,
+                 member: str | None = None) -> None:
         self._broker = broker
         self._queue = queue
         self._stream = broker.stream_key(queue)
-        self._name = broker.uid
+        self._name = member or broker.uid  # the consumer's name in the group
         self._visibility_ms = int(visibility_s * 1000)
         self._claim_every = min(visibility_s / 4, 10.0)
         self._next_claim = 0.0  # claim first: messages released or abandoned earlier
@@ -42,7 +43,7 @@ class RedisSubscription(Subscription):
             if 'BUSYGROUP' not in str(exc):
                 raise
 
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self._claim_every
             if claimed := await self._claim(max_count):
@@ -52,7 +53,7 @@ class RedisSubscription(Subscription):
             self._ack_timer.cancel()
             self._ack_timer = None
         try:
-            reply = await self._read(acks, max_count)
+            reply = await self._read(acks, max_count, _block_ms(wait_s))
         except BaseException as exc:
             self._acks[:0] = acks  # acking twice is harmless; not acking would redeliver
             if not isinstance(exc, ResponseError):
@@ -68,17 +69,17 @@ class RedisSubscription(Subscription):
             return []
         return [_delivery(entry_id, fields) for entry_id, fields in reply[0][1] if fields]
 
-    async def _read(self, acks: list[bytes], max_count: int) -> Any:
+    async def _read(self, acks: list[bytes], max_count: int, block: int | None = BLOCK_MS) -> Any:
         client = self._broker.client
         if not acks:
             return await client.xreadgroup(GROUP, self._name, {self._stream: '>'},
-                                           count=max_count, block=BLOCK_MS)
+                                           count=max_count, block=block)
         # The acks of the last batch ride along with the next read: one round trip for both.
         async with client.pipeline(transaction=False) as pipe:
             pipe.xack(self._stream, GROUP, *acks)
             pipe.xdel(self._stream, *acks)
             pipe.xreadgroup(GROUP, self._name, {self._stream: '>'}, count=max_count,
-                            block=BLOCK_MS)
+                            block=block)
             return (await pipe.execute())[-1]
 
     async def _claim(self, max_count: int) -> list[Delivery]:
@@ -185,6 +186,14 @@ class RedisSubscription(Subscription):
         except Exception as exc:
             self._broker.log.warning('Could not tidy consumer %s of %s: %r',
                                      self._name, self._queue, exc)
+
+
+def _block_ms(wait_s: float | None) -> int | None:
+    """XREADGROUP's BLOCK for a fetch waiting ``wait_s``: None sends no BLOCK (0 = forever)."""
+    if wait_s is None:
+        return BLOCK_MS
+    block = min(int(wait_s * 1000), BLOCK_MS)
+    return block if block > 0 else None
 
 
 def _delivery(entry_id: bytes, fields: dict[bytes, bytes]) -> Delivery:
