@@ -40,6 +40,8 @@ DEFAULT_VISIBILITY_S = 30.0
 # RabbitMQ pushes to a new consumer a round trip later (elsewhere a ready message returns
 # at once, so this costs nothing when there is one).
 FIRST_FETCH_S = 0.1
+# Once a receive has a message, it takes more for max_count while they come this often.
+BATCH_LINGER_S = 0.01
 # Options of ConsumerOptions that mean something to a pull consumer.
 PULL_OPTIONS = frozenset({'max_attempts', 'retry_delay', 'retry_delay_max'})
 log = logging.getLogger('microagent_mq.pull')
@@ -152,6 +154,11 @@ class _Session:
                 remaining = max(deadline - time.monotonic(), 0.0)
                 batch = await self.sub.fetch(max_count, remaining)
                 received = [r for d in batch if (r := await self._accept(d)) is not None]
+                # Then what is there already, without waiting: RabbitMQ pushes a batch in
+                # several frames, and what this session holds beyond a receive is released.
+                while batch and len(received) < max_count:
+                    batch = await self.sub.fetch(max_count - len(received), BATCH_LINGER_S)
+                    received += [r for d in batch if (r := await self._accept(d)) is not None]
                 if received or time.monotonic() >= deadline:
                     return received
         finally:
