@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -46,6 +47,7 @@ BATCH_LINGER_S = 0.01
 PULL_OPTIONS = frozenset({'max_attempts', 'retry_delay', 'retry_delay_max'})
 log = logging.getLogger('microagent_mq.pull')
 _members = itertools.count(1)
+_by_broker: 'weakref.WeakKeyDictionary[AbstractQueueBroker, dict[str, _Puller]]' = weakref.WeakKeyDictionary()
 
 
 class SettledError(QueueException):
@@ -256,8 +258,8 @@ class _Puller:
                                  visibility_timeout=visibility + VISIBILITY_MARGIN_S)
         member = f'{self.broker.uid}-pull-{next(_members)}'
         spec = _PullConsumer(self.queue, config, visibility, member)
-        subscribe = getattr(self.broker, '_subscribe')  # the broker's protected primitive
-        sub: Subscription = await subscribe(cast(Consumer, spec))
+        # The broker's protected primitive, as the engine's bind() uses it.
+        sub: Subscription = await self.broker._subscribe(cast(Consumer, spec))
         session = _Session(self, sub, options, visibility)
         self.sessions.add(session)
         return session
@@ -268,10 +270,9 @@ class _Puller:
 
 
 def _pullers(broker: 'AbstractQueueBroker') -> dict[str, _Puller]:
-    pullers: dict[str, _Puller] | None = getattr(broker, '_pullers', None)
+    pullers = _by_broker.get(broker)
     if pullers is None:
-        pullers = {}
-        setattr(broker, '_pullers', pullers)
+        pullers = _by_broker[broker] = {}
 
         async def close_all() -> None:
             for puller in list(pullers.values()):
