@@ -119,9 +119,24 @@ async def test_visibility_lapse_on_the_last_attempt_dead_letters(broker: Abstrac
     assert 'not settled within visibility' in letter.error
 
 
-async def test_pull_and_agent_share_a_queue(broker_factory: Callable[[], AbstractQueueBroker]) -> None:
+async def test_a_receive_holds_no_more_than_it_returns(broker: AbstractQueueBroker) -> None:
     queue = Queue(unique())
-    agent_broker, pull_broker = broker_factory(), broker_factory()
+    await broker.send_many(queue.name, [{'n': n} for n in range(5)])
+    [held] = await receive_n(broker, queue.name, 1)
+    # RabbitMQ's prefetch is bounded by max_count: the other four stay for other receivers.
+    await wait_until(lambda: _length_is(broker, queue.name, 4), what='4 messages left')
+    others = await receive_n(broker, queue.name, 4)
+    assert sorted(r.data['n'] for r in [held, *others]) == list(range(5))
+    for received in [held, *others]:
+        await received.ack()
+
+
+@pytest.mark.parametrize('one_broker', [False, True], ids=['two-brokers', 'one-broker'])
+async def test_pull_and_agent_share_a_queue(broker_factory: Callable[[], AbstractQueueBroker],
+                                            one_broker: bool) -> None:
+    queue = Queue(unique())
+    agent_broker = broker_factory()
+    pull_broker = agent_broker if one_broker else broker_factory()
     handled: list[int] = []
 
     class Agent(MicroAgent):
