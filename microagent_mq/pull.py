@@ -151,22 +151,33 @@ class _Session:
 
     async def fetch(self, max_count: int, wait: float) -> list[Received]:
         deadline = time.monotonic() + max(wait, FIRST_FETCH_S)
+        received: list[Received] = []
         try:
             while True:
                 remaining = max(deadline - time.monotonic(), 0.0)
                 batch = await self.sub.fetch(max_count, remaining)
-                received = [r for d in batch if (r := await self._accept(d)) is not None]
-                # Then what is there already, without waiting: RabbitMQ pushes a batch in
-                # several frames, and what this session holds beyond a receive is released.
+                received += [r for d in batch if (r := await self._accept(d)) is not None]
+                # Then more while they keep coming: RabbitMQ pushes a batch in several
+                # frames, and what this session holds beyond this receive waits for its close.
                 while batch and len(received) < max_count:
                     batch = await self.sub.fetch(max_count - len(received), BATCH_LINGER_S)
                     received += [r for d in batch if (r := await self._accept(d)) is not None]
                 if received or time.monotonic() >= deadline:
                     return received
+        except BaseException:  # cancelled, say: never handed out, so back with no attempt
+            await self._give_back(received)
+            raise
         finally:
             self.fetching = False
             await self.sub.stop_fetching()
             await self.close_if_done()
+
+    async def _give_back(self, received: list[Received]) -> None:
+        for one in received:
+            one._begin('released')
+            self.open.discard(one)
+        if received:
+            await self._settle_quietly(self.sub.release, [one._delivery for one in received])
 
     async def _accept(self, delivery: Delivery) -> Received | None:
         try:
@@ -195,8 +206,8 @@ class _Session:
         if received._outcome is not None:
             return
         received._outcome = 'expired'
-        task = asyncio.create_task(self.failed(received, f'not settled within visibility '
-                                                         f'({self.visibility}s)', 0.0))
+        task = asyncio.create_task(self._settle_quietly(
+            self.failed, received, f'not settled within visibility ({self.visibility}s)', 0.0))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -34,7 +34,7 @@ def test_load_queues_exposes_the_identifier_form(tmp_path: Path) -> None:
 def test_load_queues_refuses_two_names_for_one_attribute(tmp_path: Path) -> None:
     path = tmp_path / 'queues.json'
     path.write_text('{"queues": [{"name": "id-service"}, {"name": "id.service"}]}')
-    with pytest.raises(QueueSourceError, match="'id-service' and 'id.service' both map to the attribute"):
+    with pytest.raises(QueueSourceError, match=r"'id-service' and 'id\.service' both map to the attribute"):
         load_queues(str(path))
 
 
