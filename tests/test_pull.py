@@ -225,3 +225,43 @@ async def _length_is(broker: AbstractQueueBroker, name: str, length: int) -> boo
 
 async def _dead_count(broker: AbstractQueueBroker, name: str, count: int) -> bool:
     return len(await broker.dead_letters(name)) == count
+
+
+async def test_a_cancelled_receive_gives_back_what_it_took() -> None:
+    from collections.abc import Sequence
+
+    from microagent_mq.consumer import Consumer
+    from microagent_mq.tools.memory import MemoryBroker, MemorySubscription
+    from microagent_mq.transport import Delivery, Subscription
+
+    lingering = asyncio.Event()
+
+    class Stalling(MemorySubscription):  # the second fetch (the linger for more) never returns
+        calls = 0
+
+        async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
+            self.calls += 1
+            if self.calls == 1:
+                return await super().fetch(max_count, wait_s)
+            lingering.set()
+            await asyncio.Event().wait()
+            return []
+
+    class Broker(MemoryBroker):
+        async def _subscribe(self, consumer: Consumer) -> Subscription:
+            return Stalling(self._get(consumer.queue.name), consumer.queue.name)
+
+    queue = Queue(unique())
+    broker = Broker(f'memory://{unique()}')
+    await broker.send(queue.name, {'n': 1})
+    receiving = asyncio.ensure_future(broker.receive(queue.name, max_count=5, wait=1))
+    await lingering.wait()
+    receiving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await receiving
+    plain = MemoryBroker(broker.dsn)
+    [again] = await plain.receive(queue.name, wait=1)
+    assert (again.data, again.attempt) == ({'n': 1}, 1)  # back at once, no attempt counted
+    await again.ack()
+    await broker.close()
+    await plain.close()
