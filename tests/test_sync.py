@@ -1,8 +1,11 @@
 """The synchronous facade: a loop in a thread, from many threads, from inside a running loop."""
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +124,35 @@ def test_a_call_from_its_own_loop_thread_is_refused() -> None:
         future = asyncio.run_coroutine_threadsafe(inside(), broker._loop)
         with pytest.raises(QueueException, match='its own loop thread'):
             future.result()
+
+
+@pytest.mark.redis
+def test_a_broker_left_open_is_closed_at_exit(tmp_path: Path) -> None:
+    require_server('redis')
+    prefix = f'test:{unique("ns")}:'
+    script = tmp_path / 'script.py'
+    script.write_text(  # receives and exits without settling nor closing
+        'from microagent_mq import Queue\n'
+        'from microagent_mq.sync import connect\n'
+        "Queue('jobs')\n"
+        f'broker = connect({REDIS_DSN!r}, prefix={prefix!r})\n'
+        "broker.send('jobs', {'n': 1})\n"
+        "print(len(broker.receive('jobs', wait=5)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, '1\n'), done.stderr
+    Queue('jobs')
+    with connect(REDIS_DSN, prefix=prefix) as broker:
+        # closed at exit: given back at once as a failed attempt (else Redis would hold it
+        # for visibility + 10 s, until another consumer took it over)
+        [again] = broker.receive('jobs', wait=5)
+        assert (again.data, again.attempt) == ({'n': 1}, 2)
+        again.ack()
+    asyncio.run(cleanup('redis', prefix.split(':')[1], []))
+
+
+def test_receive_is_refused_on_a_test_broker() -> None:
+    from microagent_mq.testing import TestBroker
+
+    with SyncBroker(TestBroker()) as broker:
+        with pytest.raises(QueueException, match='not supported on a TestBroker'):
+            broker.receive(Queue(unique()).name)
