@@ -156,3 +156,20 @@ def test_receive_is_refused_on_a_test_broker() -> None:
     with SyncBroker(TestBroker()) as broker:
         with pytest.raises(QueueException, match='not supported on a TestBroker'):
             broker.receive(Queue(unique()).name)
+
+
+def test_publish_a_typed_message(sync_broker: SyncBroker) -> None:
+    from dataclasses import dataclass
+
+    from microagent_mq import Message
+
+    name = unique()
+
+    @dataclass(frozen=True)
+    class Task(Message, queue=name):
+        n: int
+
+    sync_broker.publish(Task(1))
+    [received] = sync_broker.receive(name, wait=5)
+    assert received.data == {'n': 1}
+    received.ack()
