@@ -6,6 +6,8 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install install-docs test lint bench docs docs-serve package example clean
 
+.PHONY: install test lint bench docs example clean chaos
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -22,6 +24,12 @@ test: install
 lint: install
 	$(BIN)/ruff check microagent_mq tests examples bench docs/_tools
 	$(BIN)/mypy
+
+# Messages through worker processes under faults, on servers of its own (docs/reliability.md).
+# CHAOS_ARGS, e.g.: make chaos CHAOS_ARGS='--broker redis --messages 2000 --duration 30'
+CHAOS_ARGS ?=
+chaos: install
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 bench: install
 	$(BIN)/python -m bench

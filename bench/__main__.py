@@ -3,7 +3,7 @@
 Prints a table with the ratio of microagent_mq to the raw client doing the same work, and
 writes ``bench/results.json``. Scenario ``publish`` compares microagent_mq with itself:
 publishing a dataclass ``Message`` (``<broker>-typed``) against sending the same dict.
-Needs Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672).
+Needs Redis (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and NATS with JetStream (127.0.0.1:4222).
 """
 
 import argparse
@@ -26,6 +26,9 @@ PLAN = {
     'amqp': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
              ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
              ('round_trip', 1000, 'p50_us'), ('publish', 3000, 'cpu_us')],
+    'nats': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
+             ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
+             ('round_trip', 1000, 'p50_us')],
 }
 
 

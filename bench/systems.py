@@ -12,6 +12,7 @@ import orjson
 
 REDIS_DSN = 'redis://127.0.0.1:6379/14'
 AMQP_DSN = 'amqp://guest:guest@127.0.0.1:5672/'
+NATS_DSN = 'nats://127.0.0.1:4222'
 BATCH = 32  # the raw consumers fetch / prefetch as many as ours does by default (+1 handler)
 
 
@@ -97,6 +98,9 @@ class Ours(System):
         elif self.kind == 'redis':
             from microagent_mq.tools.redis import RedisBroker
             self.broker = RedisBroker(REDIS_DSN, prefix='bench:')
+        elif self.kind == 'nats':
+            from microagent_mq.tools.nats import NATSBroker
+            self.broker = NATSBroker(NATS_DSN, prefix='bench')
         else:
             from microagent_mq.tools.amqp import AMQPBroker
             self.broker = AMQPBroker(AMQP_DSN)
@@ -248,12 +252,76 @@ class RawAMQP(System):
         await self.connection.close()
 
 
+class RawNATS(System):
+    """nats-py with the same JetStream work: a work-queue stream, publishes awaited until
+    stored (with a de-duplication id), a durable pull consumer fetching batches, explicit acks."""
+
+    async def setup(self) -> None:
+        import nats
+        from nats.js import api
+        self.nc = await nats.connect(NATS_DSN)
+        self.js = self.nc.jetstream()
+        self.stream, self.subject = f'benchraw-{self.queue}', f'benchraw.{self.queue}'
+        await self.js.add_stream(api.StreamConfig(
+            name=self.stream, subjects=[self.subject], retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE))
+        await self.js.add_consumer(self.stream, api.ConsumerConfig(
+            durable_name='c', ack_policy=api.AckPolicy.EXPLICIT, ack_wait=40, max_ack_pending=-1))
+        self.ids = 0
+
+    def _headers(self) -> dict[str, str]:
+        self.ids += 1
+        return {'Nats-Msg-Id': f'raw-{self.ids}'}
+
+    async def send(self, data: dict[str, Any]) -> None:
+        await self.js.publish(self.subject, orjson.dumps(data), headers=self._headers())
+
+    async def send_many(self, items: list[dict[str, Any]]) -> None:
+        acks = [await self.js.publish_async(self.subject, orjson.dumps(item), headers=self._headers())
+                for item in items]
+        await asyncio.gather(*acks)
+
+    async def start_consumer(self) -> None:
+        import nats.errors
+        self.stopping = False
+        pull = await self.js.pull_subscribe_bind('c', stream=self.stream)
+
+        async def consume() -> None:
+            while not self.stopping:
+                try:
+                    msgs = await pull.fetch(BATCH + 1, timeout=0.5)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                for msg in msgs:
+                    self.handled(**orjson.loads(msg.data))
+                    await msg.ack()
+        self.task = asyncio.create_task(consume())
+
+    async def teardown(self) -> None:
+        if hasattr(self, 'task'):
+            self.stopping = True
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.js.delete_stream(self.stream)
+        await self.nc.close()
+
+
 async def _cleanup(kind: str, queue: str) -> None:
     if kind == 'redis':
         import redis.asyncio as aioredis
         r = aioredis.Redis.from_url(REDIS_DSN)
         await r.delete(f'bench:{queue}', f'bench:{queue}.dlq', f'bench:{queue}:delayed')
         await r.aclose()
+    elif kind == 'nats':
+        import nats
+        import nats.js.errors
+        client = await nats.connect(NATS_DSN)
+        js = client.jetstream()
+        for suffix in ('', '-delayed', '-dlq', '-free'):
+            try:
+                await js.delete_stream(f'bench-{queue}{suffix}')
+            except nats.js.errors.NotFoundError:
+                pass
+        await client.close()
     elif kind == 'amqp':
         import aio_pika
         connection = await aio_pika.connect(AMQP_DSN)
@@ -273,4 +341,6 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     'redis-raw': RawRedis,
     'amqp': lambda: Ours('amqp'),
     'amqp-raw': RawAMQP,
+    'nats': lambda: Ours('nats'),
+    'nats-raw': RawNATS,
 }

@@ -213,9 +213,16 @@ class MicroAgent:
         return {
             'name': type(self).__name__,
             'broker': self.broker.info() if self.broker is not None else None,
-            'consumers': [_spec_info(attr, spec) for attr, spec in self._consumer_specs.items()],
+            'consumers': [{**_spec_info(attr, spec), **self._duplicates(spec)}
+                          for attr, spec in self._consumer_specs.items()],
             'counts': {c.queue.name: dict(c.counts) for c in self._consumers},
         }
+
+    def _duplicates(self, spec: ConsumerSpec) -> dict[str, int]:
+        """``duplicates`` of an ``idempotent=True`` consumer: messages acked unhandled, seen before."""
+        if not spec.options.get('idempotent'):
+            return {}
+        return {'duplicates': sum(c.duplicates for c in self._consumers if c.queue.name == spec.name)}
 
 
 def _spec_info(attr: str, spec: ConsumerSpec) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from .consumer import Consumer
 from .dsn import mask_dsn
 from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
+from .idempotency import Idempotency
 from .messages import check_headers, publication_of, publications
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from .messages import Message as TypedMessage
     from .pull import Received
 
-SEND_OPTIONS = frozenset({'topic', 'delay'})
+SEND_OPTIONS = frozenset({'topic', 'delay', 'message_id'})
+MAX_MESSAGE_ID = 200  # characters: a caller's own stable id (an outbox row's, say)
 MAX_DELAY_S = 365 * 24 * 3600  # a year: beyond that a delay is a mistake, not a schedule
 _NO_OPTIONS: dict[str, Any] = {}  # read only
 Message = str | bytes | dict[str, Any]
@@ -74,7 +76,9 @@ class AbstractQueueBroker(ABC):
         """Write a message to queue ``name`` (or to every queue bound to exchange ``name``).
 
         ``message``: serialized JSON object (a dict is serialized for you).
-        ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered.
+        ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered;
+        ``message_id=``: the caller's stable id (1 to 200 characters) instead of a fresh one,
+        so a message sent again (an outbox relay's retry) is known as the same message.
         ``headers=``: metadata beside the body (str keys, JSON values; ``mq-*`` is reserved).
         """
         outgoing = self._outgoing(name, self._encode(name, message), kwargs)
@@ -133,7 +137,8 @@ class AbstractQueueBroker(ABC):
         async with self._binding:
             if name in self._runners:
                 return
-            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log)
+            guard = Idempotency(consumer, self, self.log) if consumer.config.idempotent else None
+            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log, guard)
             self._runners[name] = runner
             runner.start()
         self.log.info('Consuming %s with %s', name, consumer.name)
@@ -315,7 +320,13 @@ class AbstractQueueBroker(ABC):
                 self.log.debug('No queue of exchange %s takes topic %r: not stored', name, topic)
         else:
             targets, exchange = (name,), ''
-        message_id = f'{self._id_prefix}{next(self._ids):x}'
+        message_id = options.get('message_id')
+        if message_id is None:
+            message_id = f'{self._id_prefix}{next(self._ids):x}'
+        elif not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID:
+            shown = repr(message_id)[:60]
+            raise ConfigurationError(f'invalid message_id {shown}: a non-empty str of at most '
+                                     f'{MAX_MESSAGE_ID} characters expected')
         return Outgoing(body, message_id, targets, exchange, topic, float(delay),
                         sent_at=time.time())
 

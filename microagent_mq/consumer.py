@@ -50,6 +50,7 @@ class Consumer:
     dto_name: str | None = None
     routes: Sequence[Route] = ()
     config: ConsumerOptions = field(init=False, repr=False)
+    duplicates: int = field(default=0, init=False)  # idempotent=True: messages seen before, skipped
 
     def __post_init__(self) -> None:
         if self.queue.is_exchange:
@@ -170,4 +171,5 @@ class Consumer:
             'types': sorted(self._by_type),
             'options': self.options,
             **self.counts,
+            **({'duplicates': self.duplicates} if self.config.idempotent else {}),
         }

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from .consumer import Consumer, PoisonMessage
 from .control import Reject, Retry
 from .deadlines import Deadlines
+from .idempotency import Idempotency
 from .transport import Delivery, Subscription
 
 FETCH_BACKOFF_MAX_S = 5.0
@@ -22,7 +23,8 @@ LOOP_RESTART_S = 1.0  # a fetch loop that failed unexpectedly starts again after
 class ConsumerRunner:
     """Feeds one consumer from its subscription, with bounded concurrency and a graceful stop."""
 
-    def __init__(self, consumer: Consumer, subscription: Subscription, log: logging.Logger) -> None:
+    def __init__(self, consumer: Consumer, subscription: Subscription, log: logging.Logger,
+                 idempotency: Idempotency | None = None) -> None:
         self.consumer = consumer
         self.log = log
         self._sub = subscription
@@ -42,6 +44,7 @@ class ConsumerRunner:
         self._loop_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._deadlines = Deadlines(consumer.timeout)
+        self._idempotency = idempotency  # None unless the consumer is idempotent=True
 
     def start(self) -> None:
         """Start fetching in a task owned by this runner."""
@@ -111,6 +114,8 @@ class ConsumerRunner:
             self._buffer.clear()
             await self._settle(self._sub.release, unhandled)
         await self._settle(self._sub.close)
+        if self._idempotency is not None:
+            await self._idempotency.close()
 
     async def _supervise(self) -> None:
         # The fetch loop must never die silently: whatever escapes it is logged and the
@@ -175,6 +180,10 @@ class ConsumerRunner:
 
     async def _process(self, delivery: Delivery) -> None:
         consumer = self.consumer
+        idempotency = self._idempotency
+        if idempotency is not None and await idempotency.seen(delivery):
+            await self._settle(self._sub.ack, delivery)
+            return
         try:
             kwargs = consumer.arguments(delivery)
         except PoisonMessage as exc:
@@ -198,6 +207,8 @@ class ConsumerRunner:
         if self._deadlines.finish(task):
             await self._failed(delivery, f'timed out after {consumer.timeout}s')
         elif outcome is None:
+            if idempotency is not None:
+                await idempotency.record(delivery)
             await self._settle(self._sub.ack, delivery)
         elif isinstance(outcome, Retry):
             await self._failed(delivery, outcome.reason, outcome.delay)

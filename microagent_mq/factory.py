@@ -5,6 +5,7 @@ from typing import Any
 
 from .broker import AbstractQueueBroker
 from .dsn import mask_dsn, parse_dsn
+from .exceptions import ConfigurationError
 
 BROKERS = {
     'memory': ('microagent_mq.tools.memory', 'MemoryBroker'),
@@ -13,14 +14,18 @@ BROKERS = {
     'unix': ('microagent_mq.tools.redis', 'RedisBroker'),
     'amqp': ('microagent_mq.tools.amqp', 'AMQPBroker'),
     'amqps': ('microagent_mq.tools.amqp', 'AMQPBroker'),
+    'nats': ('microagent_mq.tools.nats', 'NATSBroker'),
 }
 
 
 def broker_from_dsn(dsn: str, **options: Any) -> AbstractQueueBroker:
-    """``memory://``, ``redis://``, ``rediss://``, ``amqp://`` or ``amqps://``: the broker for it."""
+    """The broker for a ``memory://``, ``redis(s)://``, ``unix://``, ``amqp(s)://`` or ``nats://`` DSN."""
     scheme = parse_dsn(dsn, tuple(BROKERS)).scheme
     module, name = BROKERS[scheme]
-    broker_class = getattr(importlib.import_module(module), name)
+    try:
+        broker_class = getattr(importlib.import_module(module), name)
+    except ImportError as exc:  # a missing extra: its message names the install command
+        raise ConfigurationError(f'{scheme}:// DSNs: {exc}') from exc
     broker: AbstractQueueBroker = broker_class(dsn, **options)
     broker.log.debug('Broker for %s: %s', mask_dsn(dsn), name)
     return broker

@@ -22,8 +22,9 @@ class ConsumerOptions:
     ``concurrency``: handlers of this consumer running at once.
     ``prefetch``: messages fetched ahead of the free handlers (fewer round trips).
     ``retry_delay`` / ``retry_delay_max``: first backoff in seconds, doubling up to the cap.
-    ``visibility_timeout``: seconds an unacknowledged message stays reserved for this
-    consumer (Redis); ``None`` derives it from the handler's timeout.
+    ``visibility_timeout``: (Redis) seconds the messages of a consumer that stopped renewing
+    them (it died) stay hidden before another consumer takes them over; a live consumer
+    renews them every third of it, so handlers may run longer. ``None``: 10 s on Redis.
     ``stop_grace``: seconds ``stop()`` waits for running handlers before cancelling them.
 
     Per handler (see docs/messages.md): ``predicate``: ``fn(dto_or_kwargs) -> bool``, False
@@ -31,6 +32,10 @@ class ConsumerOptions:
     types are retried (others dead-letter at once); ``reject_on``: these dead-letter at once;
     ``on_error``: ``fn(exc, info)`` returning ``Retry``, ``Reject`` or None (the rules above).
     Per queue: ``unknown``: a message type no handler takes is ``'dead_letter'``-ed or ``'ignore'``-d.
+    ``idempotent``: a message id already handled successfully within ``idempotency_window``
+    seconds is acknowledged without calling the handler (see docs/outbox.md).
+    ``idempotency_store``: where handled ids are kept: a ``redis://`` / ``memory://`` DSN or an
+    ``IdempotencyStore`` object; ``None``: the broker's own Redis, or process memory.
     """
 
     max_attempts: int = 5
@@ -45,6 +50,9 @@ class ConsumerOptions:
     reject_on: tuple[type[BaseException], ...] = ()
     on_error: Callable[[Exception, Any], Any] | None = None
     unknown: Literal['dead_letter', 'ignore'] = 'dead_letter'
+    idempotent: bool = False
+    idempotency_window: float = 24 * 3600.0
+    idempotency_store: Any = None
 
     @classmethod
     def parse(cls, options: dict[str, Any], timeout: float) -> 'ConsumerOptions':
@@ -71,6 +79,13 @@ class ConsumerOptions:
         _require('prefetch', self.prefetch, int, minimum=0)
         for name in ('retry_delay', 'retry_delay_max', 'stop_grace'):
             _require(name, getattr(self, name), (int, float), minimum=0)
+        if not isinstance(self.idempotent, bool):
+            raise ConfigurationError(f'consumer option idempotent={self.idempotent!r}: expected a bool')
+        _require('idempotency_window', self.idempotency_window, (int, float), minimum=1)
+        store = self.idempotency_store
+        if store is not None and not isinstance(store, str) and not callable(getattr(store, 'seen', None)):
+            raise ConfigurationError(f'consumer option idempotency_store={store!r}: expected a DSN '
+                                     f'or an object with async seen() and record()')
         if self.visibility_timeout is not None:
             _require('visibility_timeout', self.visibility_timeout, (int, float), minimum=0)
             if self.visibility_timeout <= timeout:

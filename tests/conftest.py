@@ -6,16 +6,32 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import pytest
 
 from microagent_mq import Queue, testing
 from microagent_mq.broker import AbstractQueueBroker
 
-REDIS_DSN = os.environ.get('TEST_REDIS_DSN', 'redis://127.0.0.1:6379/15')
+from .faults import FaultProxy
+from .servers import RabbitNode, RedisServer
+from .servers import free_port as free_port  # re-exported: tests import it from here
+
+# DB 0 by default: every test's keys carry a unique prefix, so they share a DB with anyone.
+REDIS_DSN = os.environ.get('TEST_REDIS_DSN', 'redis://127.0.0.1:6379/0')
 AMQP_DSN = os.environ.get('TEST_AMQP_DSN', 'amqp://guest:guest@127.0.0.1:5672/')
-SERVERS = {'redis': ('127.0.0.1', 6379), 'amqp': ('127.0.0.1', 5672)}
+NATS_DSN = os.environ.get('TEST_NATS_DSN', 'nats://127.0.0.1:4222')
+
+
+def _address(dsn: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(dsn)
+    return parts.hostname or '127.0.0.1', parts.port or default_port
+
+
+SERVERS = {'redis': _address(REDIS_DSN, 6379), 'amqp': _address(AMQP_DSN, 5672),
+           'nats': _address(NATS_DSN, 4222)}
 
 
 def server_up(kind: str) -> bool:
@@ -44,15 +60,18 @@ def _fresh_registry() -> Iterator[None]:
     Queue.reset()
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (for 'server unreachable' tests)."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
+# Commands that would cut or stop what everyone else on the shared node uses: a fault test
+# restarts or cuts what it owns instead (own_rabbit, a proxy_to proxy).
+DISRUPTIVE = frozenset({'stop_app', 'start_app', 'stop', 'shutdown', 'reset', 'force_reset',
+                        'close_all_connections', 'close_connection', 'close_all_user_connections',
+                        'delete_user', 'change_password', 'clear_permissions'})
 
 
 def rabbitmqctl(*args: str) -> None:
-    """Run ``rabbitmqctl`` on the local node; a real fault for RabbitMQ tests."""
+    """``rabbitmqctl`` on the shared node, for harmless admin only (a vhost of the test's own)."""
+    if DISRUPTIVE & set(args):
+        raise ValueError(f'rabbitmqctl {args[0]} would hit everyone on the shared RabbitMQ; '
+                         'use the own_rabbit fixture or a proxy_to proxy')
     subprocess.run(['rabbitmqctl', *args], check=True, capture_output=True, timeout=120)
 
 
@@ -60,35 +79,101 @@ def unique(prefix: str = 'q') -> str:
     return f'{prefix}_{uuid.uuid4().hex[:12]}'
 
 
-def make_broker(kind: str, namespace: str) -> AbstractQueueBroker:
+def make_broker(kind: str, namespace: str, dsn: str | None = None,
+                **options: Any) -> AbstractQueueBroker:
+    """A broker of ``kind``; ``dsn`` points it elsewhere (a proxy, a server of the test's own)."""
     if kind == 'memory':
         from microagent_mq.tools.memory import MemoryBroker
 
         return MemoryBroker(f'memory://{namespace}')
-    require_server(kind)
+    if dsn is None:
+        require_server(kind)
     if kind == 'redis':
         from microagent_mq.tools.redis import RedisBroker
 
-        return RedisBroker(REDIS_DSN, prefix=f'test:{namespace}:')
+        return RedisBroker(dsn or REDIS_DSN, prefix=f'test:{namespace}:', **options)
+    if kind == 'nats':
+        from microagent_mq.tools.nats import NATSBroker
+
+        return NATSBroker(dsn or NATS_DSN, prefix=f'test_{namespace}', **options)
     from microagent_mq.tools.amqp import AMQPBroker
 
-    return AMQPBroker(AMQP_DSN)
+    return AMQPBroker(dsn or AMQP_DSN, **options)
+
+
+def proxied_dsn(dsn: str, proxy: FaultProxy) -> str:
+    """``dsn`` with its host and port replaced by the proxy's."""
+    parts = urlsplit(dsn)
+    auth = parts.netloc.rpartition('@')[0]
+    netloc = f'{auth}@127.0.0.1:{proxy.port}' if auth else f'127.0.0.1:{proxy.port}'
+    return parts._replace(netloc=netloc).geturl()
+
+
+@pytest.fixture
+async def proxy_to(broker_kind: str) -> AsyncIterator[Callable[[], Awaitable[tuple[FaultProxy, str]]]]:
+    """Fault proxies in front of the shared server of ``broker_kind``: (proxy, DSN through it)."""
+    proxies: list[FaultProxy] = []
+
+    async def make() -> tuple[FaultProxy, str]:
+        require_server(broker_kind)
+        dsn = REDIS_DSN if broker_kind == 'redis' else AMQP_DSN
+        proxy = await FaultProxy(SERVERS[broker_kind][1], SERVERS[broker_kind][0]).start()
+        proxies.append(proxy)
+        return proxy, proxied_dsn(dsn, proxy)
+
+    yield make
+    for proxy in proxies:
+        await proxy.close()
+
+
+def _missing(what: str) -> NoReturn:
+    if os.environ.get('CI') == 'true':
+        pytest.fail(f'{what} (CI=true: this test must run)')
+    pytest.skip(what)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A Redis server of this test's own (``indirect`` param: extra server arguments)."""
+    try:
+        server = RedisServer(tmp_path / 'redis', list(getattr(request, 'param', [])))
+    except FileNotFoundError as exc:
+        _missing(str(exc))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope='session')
+def own_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    """A RabbitMQ node of the test run's own, started on first use, stopped at the end."""
+    try:
+        node = RabbitNode(tmp_path_factory.mktemp('rabbit'))
+    except FileNotFoundError as exc:
+        _missing(str(exc))
+    node.start()
+    yield node
+    node.stop()
 
 
 @pytest.fixture(params=['memory', pytest.param('redis', marks=pytest.mark.redis),
-                        pytest.param('amqp', marks=pytest.mark.amqp)])
+                        pytest.param('amqp', marks=pytest.mark.amqp),
+                        pytest.param('nats', marks=pytest.mark.nats)])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-async def broker_factory(broker_kind: str) -> AsyncIterator[Callable[[], AbstractQueueBroker]]:
-    """Brokers of one kind sharing one namespace (as separate processes would)."""
+async def broker_factory(broker_kind: str) -> AsyncIterator[Callable[..., AbstractQueueBroker]]:
+    """Brokers of one kind sharing one namespace (as separate processes would).
+
+    ``factory(dsn)`` reaches the same server another way (through a ``proxy_to`` proxy).
+    """
     namespace = unique('ns')
     made: list[AbstractQueueBroker] = []
 
-    def factory() -> AbstractQueueBroker:
-        broker = make_broker(broker_kind, namespace)
+    def factory(dsn: str | None = None) -> AbstractQueueBroker:
+        broker = make_broker(broker_kind, namespace, dsn)
         made.append(broker)
         return broker
 
@@ -99,7 +184,7 @@ async def broker_factory(broker_kind: str) -> AsyncIterator[Callable[[], Abstrac
 
 
 @pytest.fixture
-def broker(broker_factory: Callable[[], AbstractQueueBroker]) -> AbstractQueueBroker:
+def broker(broker_factory: Callable[..., AbstractQueueBroker]) -> AbstractQueueBroker:
     return broker_factory()
 
 
@@ -114,6 +199,26 @@ async def cleanup(kind: str, namespace: str, brokers: list[AbstractQueueBroker])
         await client.aclose()
     elif kind == 'amqp':
         await delete_amqp_queues(list(Queue.get_all()), list(Queue.exchanges()))
+    elif kind == 'nats':
+        await delete_nats_streams(f'test_{namespace}')
+
+
+async def delete_nats_streams(prefix: str, queue: str = '') -> None:
+    """Delete the streams of ``prefix`` (of its ``queue`` only, if given): never anyone else's."""
+    import json
+
+    import nats
+
+    client = await nats.connect(NATS_DSN)
+    try:
+        reply = await client.request('$JS.API.STREAM.NAMES', json.dumps({'subject': f'{prefix}.>'}).encode())
+        names = json.loads(reply.data).get('streams') or []
+        js = client.jetstream()
+        for name in names:
+            if name == f'{prefix}-{queue}' or name.startswith(f'{prefix}-{queue}' + ('-' if queue else '')):
+                await js.delete_stream(name)
+    finally:
+        await client.close()
 
 
 async def delete_amqp_queues(queues: list[str], exchanges: list[str]) -> None:

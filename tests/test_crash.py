@@ -1,11 +1,11 @@
-"""Faults that are real: consumer processes killed with SIGKILL, connections cut by the server."""
+"""Faults that are real: consumer processes killed with SIGKILL (connection cuts: test_faults)."""
 
 import asyncio
 import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +14,15 @@ import pytest
 from microagent_mq import Queue
 from microagent_mq.broker import AbstractQueueBroker
 
-from .conftest import cleanup, make_broker, rabbitmqctl, unique, wait_until
+from .conftest import cleanup, make_broker, unique, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(params=[pytest.param('redis', marks=pytest.mark.redis),
-                        pytest.param('amqp', marks=pytest.mark.amqp)])
+                        pytest.param('amqp', marks=pytest.mark.amqp),
+                        pytest.param('nats', marks=pytest.mark.nats)])
 def server_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -118,45 +119,3 @@ async def test_two_processes_share_2000_messages(
     await wait_until(lambda: len(workers.handled()) >= 2000, timeout_s=60, what='2000 handled')
     assert sorted(workers.handled()) == list(range(2000))
     assert await broker.queue_length(workers.queue) == 0
-
-
-async def _cut_connections(kind: str) -> None:
-    if kind == 'redis':
-        import redis.asyncio as aioredis
-
-        from .conftest import REDIS_DSN
-
-        client = aioredis.Redis.from_url(REDIS_DSN)
-        killed = await client.client_kill_filter(_type='normal', skipme=True)
-        await client.aclose()
-        assert killed >= 1
-    else:
-        await asyncio.to_thread(rabbitmqctl, 'close_all_connections', 'test: cut')
-
-
-async def test_server_side_disconnect_consumers_resume(
-        server_kind: str, broker_factory: Callable[[], AbstractQueueBroker]) -> None:
-    queue = Queue(unique())
-    received: list[int] = []
-    from microagent_mq import MicroAgent, consumer
-
-    class Agent(MicroAgent):
-        @consumer(queue)
-        async def handle(self, n: int) -> None:
-            received.append(n)
-
-    consuming, sending = broker_factory(), broker_factory()
-    await Agent(broker=consuming).start()
-    await sending.send(queue.name, {'n': 1})
-    await wait_until(lambda: received == [1], what='first message')
-    await _cut_connections(server_kind)
-    for n in range(2, 12):
-        await sending.send(queue.name, {'n': n})
-    await wait_until(lambda: sorted(set(received)) == list(range(1, 12)), timeout_s=60,
-                     what='messages after the cut')
-
-
-@pytest.fixture
-def broker_kind(server_kind: str) -> str:
-    return server_kind
-

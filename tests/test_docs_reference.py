@@ -23,12 +23,19 @@ def _hook() -> ModuleType:
     return module
 
 
+def _leaves(parent: argparse.ArgumentParser, prefix: str) -> list[tuple[str, argparse.ArgumentParser]]:
+    commands = next((a for a in parent._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if commands is None:
+        return [(prefix, parent)]
+    return [leaf for name, sub in commands.choices.items() for leaf in _leaves(sub, f'{prefix} {name}')]
+
+
 def test_cli_reference_has_every_command_and_option_of_the_parser() -> None:
     reference = _hook().cli_reference()
-    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {'run', 'send', 'length'}
-    for name, sub in commands.choices.items():
-        assert f'## `microagent-mq {name}`' in reference
+    leaves = _leaves(parser(), 'microagent-mq')
+    assert {'microagent-mq run', 'microagent-mq send', 'microagent-mq length'} <= {n for n, _ in leaves}
+    for name, sub in leaves:
+        assert f'## `{name}`' in reference
         for action in sub._actions:
             for flag in action.option_strings:
                 if flag not in ('-h', '--help'):

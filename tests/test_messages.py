@@ -30,21 +30,6 @@ from microagent_mq.transport import DeadLetter
 from .conftest import AMQP_DSN, Calls, unique, wait_until
 
 FAST = {'retry_delay': 0.01, 'retry_delay_max': 0.05}
-NO_REDIS_HEADERS = 'redis headers land with wip-redis'
-
-
-@pytest.fixture
-def needs_headers(request: pytest.FixtureRequest, broker_kind: str) -> None:
-    """On this branch Redis does not carry headers yet: what depends on them may fail there."""
-    if broker_kind == 'redis':
-        request.applymarker(pytest.mark.xfail(reason=NO_REDIS_HEADERS, strict=False))
-
-
-@pytest.fixture
-def needs_headers_on_retry(request: pytest.FixtureRequest, broker_kind: str) -> None:
-    """Retries keep the sender's headers (type, user headers): Redis carries them with wip-redis."""
-    if broker_kind == 'redis':
-        request.applymarker(pytest.mark.xfail(reason=NO_REDIS_HEADERS, strict=False))
 
 
 class Priority(enum.Enum):
@@ -159,8 +144,7 @@ async def test_one_event_fans_out_to_two_service_queues(broker: AbstractQueueBro
                                                   key=str)
 
 
-async def test_several_types_on_one_queue_are_dispatched(broker: AbstractQueueBroker,
-                                                         needs_headers: None) -> None:
+async def test_several_types_on_one_queue_are_dispatched(broker: AbstractQueueBroker) -> None:
     events, name, calls = unique('events'), unique('users'), Calls()
 
     @dataclass(frozen=True)
@@ -185,8 +169,7 @@ async def test_several_types_on_one_queue_are_dispatched(broker: AbstractQueueBr
     assert await calls.wait_for(3) == [{'registered': 1}, {'deleted': 1}, {'registered': 2}]
 
 
-async def test_retried_message_keeps_its_type(broker: AbstractQueueBroker,
-                                              needs_headers_on_retry: None) -> None:
+async def test_retried_message_keeps_its_type(broker: AbstractQueueBroker) -> None:
     name, calls = unique('tasks'), Calls()
 
     @dataclass(frozen=True)
@@ -216,8 +199,7 @@ async def test_retried_message_keeps_its_type(broker: AbstractQueueBroker,
     assert await broker.dead_letters(name) == []
 
 
-async def test_unknown_type_is_dead_lettered_with_the_reason(broker: AbstractQueueBroker,
-                                                             needs_headers: None) -> None:
+async def test_unknown_type_is_dead_lettered_with_the_reason(broker: AbstractQueueBroker) -> None:
     name, calls = unique('tasks'), Calls()
 
     @dataclass(frozen=True)
@@ -241,8 +223,7 @@ async def test_unknown_type_is_dead_lettered_with_the_reason(broker: AbstractQue
     assert (letter.attempts, orjson.loads(letter.body)) == (1, {'n': 1})
 
 
-async def test_unknown_type_ignored_is_acknowledged_and_counted(broker: AbstractQueueBroker,
-                                                                needs_headers: None) -> None:
+async def test_unknown_type_ignored_is_acknowledged_and_counted(broker: AbstractQueueBroker) -> None:
     name, calls = unique('tasks'), Calls()
 
     @dataclass(frozen=True)
@@ -384,7 +365,7 @@ async def test_on_error_decides_and_handler_control_still_wins(broker: AbstractQ
 
 # message context ----------------------------------------------------------------------------
 
-async def test_message_info_fields(broker: AbstractQueueBroker, needs_headers: None) -> None:
+async def test_message_info_fields(broker: AbstractQueueBroker) -> None:
     events, name, infos = unique('events'), unique('audit'), Calls()
 
     @dataclass(frozen=True)
@@ -413,8 +394,7 @@ async def test_message_info_fields(broker: AbstractQueueBroker, needs_headers: N
     assert first.headers == {'trace': 'abc', 'tenant': {'id': 7}}
 
 
-async def test_message_info_is_the_same_on_every_attempt(broker: AbstractQueueBroker,
-                                                         needs_headers_on_retry: None) -> None:
+async def test_message_info_is_the_same_on_every_attempt(broker: AbstractQueueBroker) -> None:
     events, name, infos = unique('events'), unique('audit'), Calls()
 
     @dataclass(frozen=True)
@@ -436,8 +416,7 @@ async def test_message_info_is_the_same_on_every_attempt(broker: AbstractQueueBr
         (got[0].sent_at, 'ping.sent', str({'trace': 'abc'}))}
 
 
-async def test_custom_headers_of_a_plain_send_arrive(broker: AbstractQueueBroker,
-                                                     needs_headers: None) -> None:
+async def test_custom_headers_of_a_plain_send_arrive(broker: AbstractQueueBroker) -> None:
     queue, infos = Queue(unique()), Calls()
 
     class Agent(MicroAgent):
@@ -560,6 +539,13 @@ async def raw_send(kind: str, broker: Any, queue: str, body: bytes) -> None:
         client = aioredis.Redis.from_url(broker.dsn)
         await client.xadd(broker.stream_key(queue), {'body': body})  # the one field it must write
         await client.aclose()
+    elif kind == 'nats':
+        import nats
+
+        client = await nats.connect(broker.dsn)
+        await broker.ensure_queue(queue)  # a producer elsewhere writes to an existing stream
+        await client.jetstream().publish(broker.names.subject(queue), body)  # no headers at all
+        await client.close()
     else:
         import aio_pika
         connection = await aio_pika.connect(AMQP_DSN)
@@ -570,9 +556,6 @@ async def raw_send(kind: str, broker: Any, queue: str, body: bytes) -> None:
 
 async def test_plain_json_from_a_raw_client_reaches_dict_and_typed_consumers(
         broker: AbstractQueueBroker, broker_kind: str, request: pytest.FixtureRequest) -> None:
-    if broker_kind == 'redis':
-        request.applymarker(pytest.mark.xfail(reason='redis entries without an id land with wip-redis',
-                                              strict=False))
     plain, typed, calls = Queue(unique()), unique('typed'), Calls()
 
     @dataclass(frozen=True)

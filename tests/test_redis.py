@@ -6,45 +6,52 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
 
 from microagent_mq import BrokerUnavailable, MicroAgent, Queue, consumer
 from microagent_mq.tools.redis import RedisBroker
 
-from .conftest import Calls, free_port, require_server, unique, wait_until
+from .conftest import REDIS_DSN, Calls, free_port, require_server, unique, wait_until
 
 
 @pytest.fixture
-def fake_broker() -> RedisBroker:
-    """A RedisBroker on fakeredis: for layout checks, where a real server adds nothing."""
-    broker = RedisBroker('redis://fake/0', prefix='app1:')
-    broker._client = fakeredis.FakeAsyncRedis()
-    return broker
+async def redis_broker() -> AsyncIterator[RedisBroker]:
+    """A RedisBroker on the test server with a prefix of its own, its keys deleted after."""
+    require_server('redis')
+    broker = RedisBroker(REDIS_DSN, prefix=f'test:{unique("ns")}:')
+    yield broker
+    await broker.close(grace=1)
+    client: Any = broker.client
+    keys = [k async for k in client.scan_iter(match=f'{broker.prefix}*')]
+    if keys:
+        await client.delete(*keys)
+    await broker.close()
 
 
-async def test_key_layout_and_fields(fake_broker: RedisBroker) -> None:
+async def test_key_layout_and_fields(redis_broker: RedisBroker) -> None:
     Queue('mailer')
-    await fake_broker.mailer.send({'user_id': 1})
-    await fake_broker.mailer.send({'user_id': 2}, delay=60)
-    client: Any = fake_broker.client
-    assert sorted(await client.keys('*')) == [b'app1:mailer', b'app1:mailer:delayed']
-    [(_, fields)] = await client.xrange('app1:mailer')
+    await redis_broker.mailer.send({'user_id': 1})
+    await redis_broker.mailer.send({'user_id': 2}, delay=60)
+    client: Any = redis_broker.client
+    p = redis_broker.prefix
+    keys = sorted(k for k in await client.keys(f'{p}*') if b':sent:' not in k)
+    assert keys == [f'{p}mailer'.encode(), f'{p}mailer:delayed'.encode()]
+    [(_, fields)] = await client.xrange(f'{p}mailer')
     assert fields[b'body'] == b'{"user_id":1}'  # plain JSON: any producer can send
-    assert set(fields) == {b'body', b'id'}
-    assert await client.zcard('app1:mailer:delayed') == 1
-    assert await fake_broker.queue_length('mailer') == 1  # the delayed one is not waiting
+    assert set(fields) == {b'body', b'id', b'ts'}  # no headers field when there are none
+    assert await client.zcard(f'{p}mailer:delayed') == 1
+    assert await redis_broker.queue_length('mailer') == 1  # the delayed one is not due
 
 
 async def test_prefixes_keep_applications_apart() -> None:
     require_server('redis')
     Queue('shared_name')
-    first = RedisBroker('redis://127.0.0.1:6379/15', prefix=f'{unique("a")}:')
-    second = RedisBroker('redis://127.0.0.1:6379/15', prefix=f'{unique("b")}:')
+    first = RedisBroker(REDIS_DSN, prefix=f'{unique("a")}:')
+    second = RedisBroker(REDIS_DSN, prefix=f'{unique("b")}:')
     try:
         await first.shared_name.send({'n': 1})
         await first.shared_name.send({'n': 2})
@@ -120,8 +127,8 @@ async def test_consumer_survives_a_redis_restart(own_redis: tuple[int, Any]) -> 
     await sending.send(queue.name, {'n': 1})
     await calls.wait_for(1)
     await asyncio.to_thread(restart)  # the data is gone with it: the group must come back
-    for n in range(2, 6):
-        await sending.send(queue.name, {'n': n})
+    await sending.send(queue.name, {'n': 2})  # its scripts are gone too: loaded again
+    await sending.send_many(queue.name, [{'n': n} for n in range(3, 6)])
     await wait_until(lambda: sorted({c['n'] for c in calls.items}) == [1, 2, 3, 4, 5],
                      timeout_s=30, what='messages after the restart')
     await agent.stop(grace=1)
@@ -145,8 +152,9 @@ async def test_password_in_dsn_works_and_stays_secret(own_redis: tuple[int, Any]
     await wrong.close()
 
 
-async def test_buffered_messages_are_renewed_or_left_to_their_new_owner() -> None:
-    """A message that waited in one consumer's buffer past its visibility is not handled twice."""
+async def test_buffered_messages_stay_with_a_live_consumer_past_visibility() -> None:
+    """A live consumer renews its hold on a heartbeat: what waits in its buffer longer than
+    the visibility timeout is neither taken over nor handled twice."""
     require_server('redis')
     queue = Queue(unique())
     handled: list[tuple[str, int]] = []
@@ -161,19 +169,19 @@ async def test_buffered_messages_are_renewed_or_left_to_their_new_owner() -> Non
 
         return Agent
 
-    first = RedisBroker('redis://127.0.0.1:6379/15', prefix=prefix)
-    second = RedisBroker('redis://127.0.0.1:6379/15', prefix=prefix)
+    first = RedisBroker(REDIS_DSN, prefix=prefix)
+    second = RedisBroker(REDIS_DSN, prefix=prefix)
     await first.send_many(queue.name, [{'n': n} for n in range(5)])
     slow = agent_class('first')(broker=first)
     await slow.start()  # fetches all five in one batch
     await wait_until(lambda: len(handled) == 1, what='first message')
     other = agent_class('second')(broker=second)
-    await other.start()  # takes over what idles past 1.5 s in the first one's buffer
+    await other.start()  # would take over what idles past 1.5 s, were it not renewed
     await wait_until(lambda: sorted(n for _, n in handled) == [0, 1, 2, 3, 4], timeout_s=30,
                      what='every message once')
     await wait_until(lambda: _length_zero(first, queue.name), what='all acknowledged')
     assert len(handled) == 5
-    assert {name for name, _ in handled} == {'first', 'second'}
+    assert {name for name, _ in handled} == {'first'}
     await slow.stop(grace=5)
     await other.stop(grace=5)
     keys = [k async for k in first.client.scan_iter(match=f'{prefix}*')]
@@ -185,3 +193,31 @@ async def _length_zero(broker: RedisBroker, name: str) -> bool:
     client: Any = broker.client
     summary = await client.xpending(broker.stream_key(name), 'microagent_mq')
     return int(summary['pending']) == 0 and await broker.queue_length(name) == 0
+
+
+@pytest.mark.parametrize('own_redis', [['--requirepass', 's3cret']], indirect=True)
+async def test_password_in_dsn_query_stays_secret(own_redis: tuple[int, Any],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Item 15: ``?password=`` never shows in repr, info(), errors or logs."""
+    port, _ = own_redis
+    queue = Queue(unique())
+    broker = RedisBroker(f'redis://127.0.0.1:{port}/0?password=s3cret')
+    await broker.send(queue.name, {'a': 1})
+    assert await broker.queue_length(queue.name) == 1
+    assert 's3cret' not in repr(broker) and 's3cret' not in str(broker.info())
+    await broker.close()
+    wrong = RedisBroker(f'redis://127.0.0.1:{port}/0?password=wrong-s3cret', send_retries=0)
+    with pytest.raises(BrokerUnavailable, match=r'password=\*\*\*') as raised:
+        await wrong.send(queue.name, {'a': 1})
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, a: int) -> None:
+            pass
+
+    with pytest.raises(BrokerUnavailable) as on_bind:
+        await Agent(broker=wrong).start()
+    for text in (str(raised.value), str(on_bind.value), repr(wrong), str(wrong.info()),
+                 caplog.text):
+        assert 's3cret' not in text
+    await wrong.close()

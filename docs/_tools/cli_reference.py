@@ -14,7 +14,7 @@ from microagent_mq.cli import parser
 
 MARKER = '<!-- cli-reference -->'
 PAGE = 'cli.md'
-# The parser reads these for its defaults; the docs show the built-in defaults, not the
+# The parser reads MQ_* for its defaults; the docs show the built-in defaults, not the
 # environment of whoever builds the site.
 ENVIRONMENT = ('MQ_BROKER', 'MQ_QUEUES')
 USAGE_WIDTH = '100'  # argparse wraps usage at $COLUMNS: fixed, so builds are reproducible
@@ -36,13 +36,20 @@ def cli_reference() -> str:
 
 
 def _reference(root: argparse.ArgumentParser) -> str:
-    commands = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+    return '\n\n'.join([_usage(root).strip(), *_commands(root, root.prog)]) + '\n'
+
+
+def _commands(parent: argparse.ArgumentParser, prefix: str) -> Iterator[str]:
+    """A section per command; a command with commands of its own (``dlq list``) nests."""
+    commands = next((a for a in parent._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if commands is None:
+        return
     helps = {choice.dest: choice.help for choice in commands._choices_actions}
-    parts = [_usage(root).strip()]
     for name, sub in commands.choices.items():
-        parts.append(f'## `{root.prog} {name}`\n\n{helps.get(name) or ""}\n\n{_usage(sub)}'
-                     f'{_arguments(sub)}')
-    return '\n\n'.join(parts) + '\n'
+        nested = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+        body = '' if nested else f'{_usage(sub)}{_arguments(sub)}'
+        yield f'## `{prefix} {name}`\n\n{helps.get(name) or ""}\n\n{body}'
+        yield from _commands(sub, f'{prefix} {name}')
 
 
 def _usage(command: argparse.ArgumentParser) -> str:
@@ -70,7 +77,8 @@ def _arguments(command: argparse.ArgumentParser) -> str:
 
 @contextmanager
 def _clean_environment() -> Iterator[None]:
-    saved = {name: os.environ.pop(name) for name in (*ENVIRONMENT, 'COLUMNS') if name in os.environ}
+    mine = [name for name in os.environ if name.startswith('MQ_')]
+    saved = {name: os.environ.pop(name) for name in (*ENVIRONMENT, *mine, 'COLUMNS') if name in os.environ}
     os.environ['COLUMNS'] = USAGE_WIDTH
     try:
         yield

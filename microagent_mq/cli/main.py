@@ -132,7 +132,20 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument('--delay', type=_seconds, default=0.0, help='seconds before delivery')
     length = commands.add_parser('length', parents=[common], help='print a queue length')
     length.add_argument('queue')
+    _add_outbox(commands, common)
     return root
+
+
+def _add_outbox(commands: Any, common: argparse.ArgumentParser) -> None:
+    # `outbox relay` needs the [outbox] extra: without it the command says so when used.
+    try:
+        from ..outbox.cli import add_parser
+    except ImportError:
+        outbox = commands.add_parser('outbox', help="the transactional outbox (pip install "
+                                     "'microagent-mq[outbox]')")
+        outbox.add_argument('rest', nargs=argparse.REMAINDER)
+        return
+    add_parser(commands, common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +175,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     broker = broker_from_dsn(args.broker)
     if args.command == 'run':
         return _run(args, broker)
+    if args.command == 'outbox':
+        if not hasattr(args, 'db'):
+            raise CLIError("outbox commands need SQLAlchemy: pip install 'microagent-mq[outbox]'")
+        from ..outbox.cli import run_relay
+
+        asyncio.run(run_relay(broker, args))
+        return EXIT_OK
     if args.broker.startswith('memory://'):
         log.warning('%s on %s: a memory broker lives in this process only; nothing outlives it',
                     args.command, args.broker)

@@ -2,11 +2,18 @@
 
 Keys, for queue ``q`` and the default prefix ``mq:``: the stream ``mq:q``, its delayed
 messages in the sorted set ``mq:q:delayed`` (score: due time in ms), dead letters in the
-stream ``mq:q.dlq``. A stream entry carries ``body`` (the user's JSON), ``id`` (message id)
-and ``attempt`` (when above 1).
+stream ``mq:q.dlq``, and short-lived marks ``mq:sent:...`` that make a send retried by
+redis-py after a lost reply a no-op. Entry fields: see ``redis_codec``.
+
+Duplicates: a send or settlement retried after a lost reply is not repeated (see
+``redis_scripts``). A message is handled twice only when its consumer stopped renewing its
+hold for ``visibility_timeout`` (died, or its event loop was blocked that long) after the
+handler had started, or when an ack is lost with its connection.
 """
 
 import asyncio
+import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -18,21 +25,26 @@ try:
     from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("RedisBroker needs redis: pip install 'microagent-mq[redis]'") from exc
-
-import orjson
 
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import check_redis_db, mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..transport import DeadLetter, Outgoing, Subscription
-from .redis_consumer import GROUP, RedisSubscription
-from .redis_scripts import ADD_MANY, MOVE_DUE
+from .redis_codec import due_ms, entry_fields, ts_ms
+from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
+from .redis_scripts import Scripts
 
 DELAYED_POLL_S = 0.05
+MOVE_BATCH = 1000  # delayed messages moved per queue per command; again at once while more
+REQUEUE_BATCH = 100
+# A consumer's hold on a message it fetched, renewed on a heartbeat while it lives: a crashed
+# consumer's messages go to another after this long, however long handlers may take.
+DEFAULT_VISIBILITY_S = 10.0
 ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -42,7 +54,13 @@ class RedisBroker(AbstractQueueBroker):
 
     ``prefix``: prepended to every key, so applications can share a database.
     ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
-    ``BrokerUnavailable`` (redis-py's own retry with exponential backoff and jitter).
+    ``BrokerUnavailable`` (redis-py's own retry with exponential backoff and jitter; every
+    write is idempotent, so a retry after a lost reply stores nothing twice).
+
+    A consumer's ``visibility_timeout`` is, on Redis, how long the messages of a consumer
+    that stopped renewing them (it died, or its event loop was blocked) stay hidden before
+    another consumer takes them over; a live consumer renews its hold every third of it, so
+    a handler may run longer. Default ``DEFAULT_VISIBILITY_S``.
     """
 
     prefix: str = 'mq:'
@@ -56,6 +74,10 @@ class RedisBroker(AbstractQueueBroker):
         self._delayed_watch: set[str] = set()
         self._mover: asyncio.Task[None] | None = None
         self._mover_stop = asyncio.Event()
+        # Marks of publishes done (see _sent_mark): this sender's own, counted.
+        self._sender = os.urandom(6).hex()
+        self._publishes = itertools.count()
+        self._mark_block, self._mark_key = -1, ''
 
     # keys -------------------------------------------------------------------------------
 
@@ -83,9 +105,19 @@ class RedisBroker(AbstractQueueBroker):
                 self.dsn, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
                 socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
             )
-            self._move_due = self._client.register_script(MOVE_DUE)
-            self._add_many = self._client.register_script(ADD_MANY)
+            self._scripts = Scripts(self._client)
         return self._client
+
+    @property
+    def _connected(self) -> 'aioredis.Redis | None':
+        """The client if connected, never making one (for work that must not reconnect)."""
+        return self._client
+
+    @property
+    def _lua(self) -> Scripts:
+        """The Lua scripts, registered on the client."""
+        self.client  # noqa: B018 - connects on first use
+        return self._scripts
 
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
@@ -112,51 +144,89 @@ class RedisBroker(AbstractQueueBroker):
     # sending ----------------------------------------------------------------------------
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
-        client = self.client
+        scripts = self._lua
+        message = batch[0]
         try:
-            if len(batch) == 1 and len(batch[0].queues) == 1 and not batch[0].delay:
-                message = batch[0]
-                await client.xadd(self.stream_key(message.queues[0]),
-                                  {'body': message.body, 'id': message.message_id})
+            if (len(batch) == 1 and len(message.queues) == 1 and not message.delay
+                    and message.headers is None):  # the common send
+                mark, offset = self._sent_mark()
+                await self._eval(scripts.send_one, mark, self.stream_key(message.queues[0]),
+                                 offset, message.body, message.message_id,
+                                 ts_ms(message.sent_at))
                 return
-            # One round trip, all or nothing: a copy for every target queue.
-            pipe = client.pipeline(transaction=True)
-            now: dict[str, list[bytes | str]] = {}
-            for message in batch:
-                for queue in message.queues:
-                    if message.delay:
-                        self._stage(pipe, queue, message.body, message.message_id, 1,
-                                    message.delay)
-                    else:
-                        now.setdefault(queue, []).extend((message.body, message.message_id))
-            for queue, pairs in now.items():
-                await self._add_many(keys=[self.stream_key(queue)], args=pairs, client=pipe)
-            await pipe.execute()
+            # One command, all or nothing: a copy for every target queue.
+            keys, args = self._publish_args(batch)
+            await self._eval(scripts.publish, *keys, *args, keys=len(keys))
         except ERRORS as exc:  # as guard() does, without a context manager on the hot path
             raise self._unavailable(exc) from exc
 
-    def _stage(self, pipe: Any, queue: str, body: bytes, message_id: str, attempt: int,
-               delay: float, error: str = '') -> None:
-        """Queue on ``pipe`` the command that stores a message, now or after ``delay``."""
-        if delay > 0:
-            member = orjson.dumps(['body', body.decode(), 'id', message_id,
-                                   'attempt', str(attempt), 'error', error])
-            due_ms = int((time.time() + delay) * 1000)
-            pipe.zadd(self.delayed_key(queue), {member: due_ms})
-        else:
-            fields: dict[str, Any] = {'body': body, 'id': message_id}
-            if attempt > 1:
-                fields['attempt'] = attempt
-            pipe.xadd(self.stream_key(queue), fields)
+    async def _eval(self, script: Any, *keys_and_args: Any, keys: int = 2) -> Any:
+        """EVALSHA straight (cheaper than redis-py's script wrapper on the send path)."""
+        try:
+            return await self.client.evalsha(script.sha, keys, *keys_and_args)
+        except NoScriptError:  # Redis restarted, or another server: load it and run it
+            return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
+
+    def _sent_mark(self) -> tuple[str, int]:
+        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them."""
+        number = next(self._publishes)
+        block = number >> 16
+        if block != self._mark_block:
+            self._mark_block = block
+            self._mark_key = f'{self.prefix}sent:{self._sender}:{block:x}'
+        return self._mark_key, number & 0xFFFF
+
+    def _publish_args(self, batch: Sequence[Outgoing]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order."""
+        mark, offset = self._sent_mark()
+        first = batch[0]
+        if len(first.queues) == 1 and all(m.queues == first.queues and not m.delay
+                                           and m.headers is None for m in batch):
+            # send_many to one queue: one record, built without a loop in Python
+            flat: list[Any] = [None] * (2 * len(batch))
+            flat[::2] = [m.body for m in batch]
+            flat[1::2] = [m.message_id for m in batch]
+            return ([mark, self.stream_key(first.queues[0])],
+                    [offset, 'P', 2, len(batch), ts_ms(first.sent_at), *flat])
+        keys = [mark]
+        index: dict[str, int] = {}
+        records: dict[str, list[list[Any]]] = {}
+
+        def key_index(key: str) -> int:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            return index[key]
+
+        for message in batch:
+            for queue in message.queues:
+                own = records.setdefault(queue, [])
+                if message.delay or message.headers is not None:
+                    fields = entry_fields(message.body, message.message_id, 1, message.sent_at,
+                                          message.headers)
+                    due = due_ms(message.delay) if message.delay else 0
+                    key = self.delayed_key(queue) if due else self.stream_key(queue)
+                    own.append(['F', key_index(key), due, len(fields), *fields])
+                    continue
+                if not own or own[-1][0] != 'P':  # one ts for the batch: sent in one call
+                    own.append(['P', key_index(self.stream_key(queue)), 0,
+                                ts_ms(message.sent_at)])
+                own[-1][2] += 1
+                own[-1] += (message.body, message.message_id)
+        args: list[Any] = [offset]
+        for own in records.values():
+            for record in own:
+                args += record
+        return keys, args
 
     # consuming --------------------------------------------------------------------------
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         queue = consumer.queue.name
-        visibility = consumer.config.visibility(consumer.timeout)
+        visibility = consumer.config.visibility_timeout or DEFAULT_VISIBILITY_S
         # A pull session names its own group member (pull.py): closing one must not
-        # delete the pending entries of another consumer of this broker.
-        subscription = RedisSubscription(self, queue, visibility, getattr(consumer, 'member', None))
+        # touch the pending entries of another consumer of this broker.
+        subscription = RedisSubscription(self, queue, float(visibility), getattr(consumer, 'member', None))
         async with self.guard():
             await subscription.create_group()
         self._delayed_watch.add(queue)
@@ -170,12 +240,9 @@ class RedisBroker(AbstractQueueBroker):
         failing = False
         while not self._mover_stop.is_set():
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    now_ms = int(time.time() * 1000)
-                    for queue in self._delayed_watch:
-                        await self._move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
-                                             args=[now_ms, 100], client=pipe)
-                    await pipe.execute()
+                queues = list(self._delayed_watch)
+                while queues and not self._mover_stop.is_set():
+                    queues = await self._move_some(queues)  # again at once while more are due
                 if failing:
                     self.log.warning('Moving delayed messages works again')
                     failing = False
@@ -189,41 +256,51 @@ class RedisBroker(AbstractQueueBroker):
             except TimeoutError:
                 pass
 
+    async def _move_some(self, queues: list[str]) -> list[str]:
+        """Move up to MOVE_BATCH due messages of each queue; the queues that may have more."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            now_ms = int(time.time() * 1000)
+            for queue in queues:
+                await self._lua.move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
+                                     args=[now_ms, MOVE_BATCH], client=pipe)
+            moved = await pipe.execute()
+        return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
+
     # inspecting ---------------------------------------------------------------------------
 
     async def _length(self, name: str, **options: Any) -> int:
-        stream = self.stream_key(name)
-        async with self.guard(), self.client.pipeline(transaction=False) as pipe:
-            pipe.xlen(stream)
-            pipe.xpending(stream, GROUP)
-            length, pending = await pipe.execute(raise_on_error=False)
-        if isinstance(length, Exception):
-            raise length
-        in_flight = 0 if isinstance(pending, Exception) else int(pending['pending'])
-        return int(length) - in_flight
+        # Waiting: not pending for a consumer, or released by one, or delayed and due.
+        async with self.guard():
+            count: Any = await self._lua.length(
+                keys=[self.stream_key(name), self.delayed_key(name)],
+                args=[GROUP, int(time.time() * 1000), RELEASED_IDLE_MS], client=self.client)
+        return int(count)
 
     async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
         async with self.guard():
             entries: Any = await self.client.xrange(self.dead_key(name), count=limit)
-        return [_dead_letter(name, fields) for _, fields in entries]
+        return [_dead_letter(name, entry_id, fields) for entry_id, fields in entries]
 
     async def _requeue_dead_letters(self, name: str) -> int:
-        moved = 0
+        """Move the dead letters present now (up to the last one now), not those added later."""
+        dead, moved = self.dead_key(name), 0
         async with self.guard():
+            newest: Any = await self.client.xrevrange(dead, count=1)
+            if not newest:
+                return 0
+            start: bytes | str = '-'
             while True:
-                entries: Any = await self.client.xrange(self.dead_key(name), count=100)
-                if not entries:
-                    break
-                pipe = self.client.pipeline(transaction=True)
-                for _, fields in entries:
-                    self._stage(pipe, name, fields[b'body'], fields[b'id'].decode(), 1, 0)
-                pipe.xdel(self.dead_key(name), *[entry_id for entry_id, _ in entries])
-                await pipe.execute()
-                moved += len(entries)
-        return moved
+                count, last = await self._lua.requeue(
+                    keys=[dead, self.stream_key(name)],
+                    args=[start, newest[0][0], REQUEUE_BATCH], client=self.client)
+                moved += int(count)
+                if int(count) < REQUEUE_BATCH:
+                    return moved
+                start = b'(' + last
 
 
-def _dead_letter(queue: str, fields: dict[bytes, bytes]) -> DeadLetter:
-    return DeadLetter(queue, fields[b'id'].decode(), fields[b'body'],
-                      fields.get(b'error', b'').decode(), int(fields.get(b'attempt', 1)),
-                      float(fields.get(b'failed_at', 0)))
+def _dead_letter(queue: str, entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    message_id = fields.get(b'id', b'').decode(errors='replace') or entry_id.decode()
+    return DeadLetter(queue, message_id, fields.get(b'body', b''),
+                      fields.get(b'error', b'').decode(errors='replace'),
+                      int(fields.get(b'attempt', 1)), float(fields.get(b'failed_at', 0)))

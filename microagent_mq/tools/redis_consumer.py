@@ -1,26 +1,41 @@
-"""One consumer in a queue's Redis consumer group: fetch, claim, ack, retry, dead-letter."""
+"""One consumer in a queue's Redis consumer group: fetch, claim, ack, retry, dead-letter.
+
+Attempts: an entry's ``attempt`` field counts handlings that failed and were retried; Redis'
+delivery count of a pending entry adds the deliveries that may have run a handler without
+settling it (its consumer died). A delivery that surely ran none (released, or read but
+never handed out) is taken back out of that count when the entry is released.
+"""
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
 from ..transport import Delivery, Subscription, now_s
+from .redis_codec import MalformedEntry, due_ms, entry_fields, to_delivery
+from .redis_heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
+    from .redis_scripts import Scripts
 
 GROUP = 'microagent_mq'
 BLOCK_MS = 250  # an idle XREADGROUP returns this often, so a stop never waits long for it
 ACK_BACKLOG = 1000  # past this many unflushed acks, acking waits for the flush
 ACK_DELAY_S = 0.002  # acks no fetch has carried by then are flushed on their own
 RELEASED_IDLE_MS = 10**10  # a released message looks abandoned for ages: claimed at once
+TIDY_EVERY_S = 60.0  # how often a consumer looks for dead consumers to forget
+CLOSE_SCAN = 10_000  # pending entries a closing consumer looks through
 
 
 class RedisSubscription(Subscription):
-    """One consumer in the queue's consumer group."""
+    """One consumer in the queue's consumer group.
+
+    ``visibility_s``: how long this consumer's messages stay hidden once it stops renewing
+    its hold on them (it renews every third of that while alive).
+    """
 
     def __init__(self, broker: 'RedisBroker', queue: str, visibility_s: float,
                  member: str | None = None) -> None:
@@ -31,9 +46,19 @@ class RedisSubscription(Subscription):
         self._visibility_ms = int(visibility_s * 1000)
         self._claim_every = min(visibility_s / 4, 10.0)
         self._next_claim = 0.0  # claim first: messages released or abandoned earlier
+        self._tidy_idle_ms = int(max(10 * visibility_s, 60.0) * 1000)
+        self._next_tidy = 0.0
         self._acks: list[bytes] = []
         self._ack_flush: asyncio.Task[None] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._held: set[bytes] = set()  # fetched, not yet settled or released: renewed
+        self._unsettled: set[bytes] = set()  # a handler ran, settling failed: not released
+        self._stopping = False
+        self._heartbeat = Heartbeat(self, visibility_s / 3, broker.log, queue)
+
+    @property
+    def _scripts(self) -> 'Scripts':
+        return self._broker._lua
 
     async def create_group(self) -> None:
         """Create the group at the stream's start: nothing sent before it is missed."""
@@ -44,6 +69,9 @@ class RedisSubscription(Subscription):
                 raise
 
     async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
+        if self._stopping:
+            return []
+        self._heartbeat.start()
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self._claim_every
             if claimed := await self._claim(max_count):
@@ -55,19 +83,20 @@ class RedisSubscription(Subscription):
         try:
             reply = await self._read(acks, max_count, _block_ms(wait_s))
         except BaseException as exc:
-            self._acks[:0] = acks  # acking twice is harmless; not acking would redeliver
-            if not isinstance(exc, ResponseError):
-                raise
-            if 'NOGROUP' not in str(exc):
+            # Acking twice is harmless; not acking would redeliver. A read whose reply is
+            # lost leaves entries pending here: close() releases them.
+            self._acks[:0] = acks
+            if not isinstance(exc, ResponseError) or 'NOGROUP' not in str(exc):
                 raise
             self._acks.clear()  # the group and its pending entries are gone
+            self._held.clear()
             self._broker.log.warning('Consumer group of %s is gone (Redis restarted?); '
                                      'creating it again', self._queue)
             await self.create_group()
             return []
         if not reply:
             return []
-        return [_delivery(entry_id, fields) for entry_id, fields in reply[0][1] if fields]
+        return await self._deliveries(reply[0][1])
 
     async def _read(self, acks: list[bytes], max_count: int, block: int | None = BLOCK_MS) -> Any:
         client = self._broker.client
@@ -82,32 +111,64 @@ class RedisSubscription(Subscription):
                             block=block)
             return (await pipe.execute())[-1]
 
-    async def _claim(self, max_count: int) -> list[Delivery]:
-        """Take over messages idle past the visibility timeout (their consumer died)."""
-        client = self._broker.client
-        pending: Any = await client.xpending_range(self._stream, GROUP, '-', '+', max_count,
-                                                   idle=self._visibility_ms)
-        if not pending:
-            return []
-        delivered = {p['message_id']: int(p['times_delivered']) for p in pending}
-        entries: Any = await client.xclaim(self._stream, GROUP, self._name, self._visibility_ms,
-                                           list(delivered))
-        claimed = []
+    async def _deliveries(self, entries: Iterable[tuple[bytes, Any]],
+                          priors: dict[bytes, int] | None = None) -> list[Delivery]:
+        """Deliveries of entries now pending here; one bad entry never fails the others.
+
+        ``priors``: per entry, deliveries before this one that may have run a handler.
+        """
+        out = []
+        held = self._held
         for entry_id, fields in entries:
-            if not fields:
+            if not fields:  # deleted from the stream meanwhile
                 continue
-            delivery = _delivery(entry_id, fields)
-            delivery.attempt += delivered.get(entry_id, 0)
-            claimed.append(delivery)
-        if claimed:
-            self._broker.log.warning('Took over %d message(s) of %s abandoned by other consumers',
-                                     len(claimed), self._queue)
-        return claimed
+            held.add(entry_id)
+            try:
+                out.append(to_delivery(entry_id, fields, priors[entry_id] if priors else 0))
+            except MalformedEntry as exc:
+                await self._drop_malformed(entry_id, fields, str(exc))
+        return out
+
+    async def _drop_malformed(self, entry_id: bytes, fields: dict[bytes, bytes],
+                              reason: str) -> None:
+        self._broker.log.error('Entry %s of %s dead-lettered: %s', entry_id.decode(),
+                               self._queue, reason)
+        delivery = Delivery(fields.get(b'body', b''), entry_id.decode(), 1, entry_id)
+        try:
+            await self.dead_letter(delivery, f'malformed entry: {reason}')
+        except Exception as exc:  # left pending: another try after the visibility timeout
+            self._broker.log.error('Dead-lettering entry %s of %s failed: %r',
+                                   entry_id.decode(), self._queue, exc)
+
+    async def _claim(self, max_count: int) -> list[Delivery]:
+        """Take over messages released by other consumers, or idle past the visibility
+        timeout (their consumer died, or a read of ours lost its reply)."""
+        if time.monotonic() >= self._next_tidy:
+            self._next_tidy = time.monotonic() + TIDY_EVERY_S
+            await self._scripts.tidy(keys=[self._stream], args=[GROUP, self._tidy_idle_ms])
+        reply: Any = await self._scripts.claim(
+            keys=[self._stream],
+            args=[GROUP, self._name, self._visibility_ms, max_count, RELEASED_IDLE_MS // 2])
+        entries, priors, abandoned = [], {}, 0
+        for entry_id, flat, count, state in reply:
+            if state == 1:  # ours: a read that lost its reply, or a hold that lapsed
+                if entry_id in self._held:
+                    continue  # still ours to handle: the claim only renewed it
+                count = count if entry_id in self._unsettled else count - 1
+            elif state == 0:
+                abandoned += 1
+            entries.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=True))))
+            priors[entry_id] = max(count, 0)
+        if abandoned:
+            self._broker.log.warning('Took over %d message(s) of %s abandoned by other '
+                                     'consumers', abandoned, self._queue)
+        return await self._deliveries(entries, priors)
 
     async def ack(self, delivery: Delivery) -> None:
         # Acks are coalesced: the next fetch carries them (see _read); those it has not
         # carried within ACK_DELAY_S go in a flush of their own. A timer, not a task per
         # ack: the common case (a fetch comes first) only arms and disarms it.
+        self._held.discard(delivery.handle)
         self._acks.append(delivery.handle)
         if self._ack_timer is None and not self._flushing():
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._start_flush)
@@ -123,53 +184,89 @@ class RedisSubscription(Subscription):
             self._ack_flush = asyncio.create_task(self._flush_acks())
 
     async def _flush_acks(self) -> None:
-        client = self._broker.client
         while self._acks:
             ids, self._acks = self._acks, []
+            client = self._broker._connected  # never connect again after a close
             try:
+                if client is None:
+                    raise ConnectionError('the broker is closed')
                 async with client.pipeline(transaction=False) as pipe:
                     pipe.xack(self._stream, GROUP, *ids)
                     pipe.xdel(self._stream, *ids)
                     await pipe.execute()
             except Exception as exc:
+                self._unsettled.update(ids)
                 self._broker.log.error('Acking %d message(s) of %s failed (%r); they will be '
                                        'delivered again', len(ids), self._queue, exc)
 
-    async def _settle(self, delivery: Delivery, store: Any) -> None:
-        async with self._broker.client.pipeline(transaction=True) as pipe:
-            store(pipe)
-            pipe.xack(self._stream, GROUP, delivery.handle)
-            pipe.xdel(self._stream, delivery.handle)
-            await pipe.execute()
+    async def _settle(self, delivery: Delivery, target: str, due: int, fields: list[Any]) -> None:
+        """Store the message's next form in ``target`` and ack it, in one idempotent step."""
+        handle = delivery.handle
+        self._held.discard(handle)
+        try:
+            done = await self._scripts.settle(keys=[self._stream, target],
+                                              args=[GROUP, self._name, handle, due, *fields])
+        except BaseException:
+            self._unsettled.add(handle)  # left pending: delivered again after the timeout
+            raise
+        if not done:
+            self._broker.log.warning('Message %s of %s was no longer held by this consumer '
+                                     '(settled already or taken over); left as it is',
+                                     delivery.message_id, self._queue)
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
-        await self._settle(delivery, lambda pipe: self._broker._stage(
-            pipe, self._queue, delivery.body, delivery.message_id, delivery.attempt + 1,
-            max(delay, 0.001), error))
+        fields = entry_fields(delivery.body, delivery.message_id, delivery.attempt + 1,
+                              delivery.sent_at, delivery.headers)
+        await self._settle(delivery, self._broker.delayed_key(self._queue),
+                           due_ms(max(delay, 0.001)), fields)
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
-        fields = {'body': delivery.body, 'id': delivery.message_id, 'error': error,
-                  'attempt': delivery.attempt, 'failed_at': now_s()}
-        await self._settle(delivery, lambda pipe: pipe.xadd(
-            self._broker.dead_key(self._queue), fields))
+        fields = entry_fields(delivery.body, delivery.message_id, 1, delivery.sent_at,
+                              delivery.headers)
+        fields += ('error', error, 'attempt', delivery.attempt, 'failed_at', now_s())
+        await self._settle(delivery, self._broker.dead_key(self._queue), 0, fields)
 
     async def extend(self, delivery: Delivery) -> bool:
-        client = self._broker.client
-        owner: Any = await client.xpending_range(self._stream, GROUP, delivery.handle,
-                                            delivery.handle, 1)
-        if not owner or owner[0]['consumer'].decode() != self._name:
+        # One script: renewed only if still ours, so a takeover is never undone.
+        gone = await self._scripts.renew(keys=[self._stream],
+                                         args=[GROUP, self._name, delivery.handle])
+        if gone:
+            self._held.discard(delivery.handle)
             return False
-        await client.xclaim(self._stream, GROUP, self._name, 0, [delivery.handle], justid=True)
         delivery.received_at = time.monotonic()
         return True
 
+    async def renew(self, handles: Sequence[bytes]) -> list[bytes]:
+        """Renew the hold on ``handles``; returns those another consumer took over."""
+        if self._broker._connected is None:  # the broker closed: never connect again for this
+            return []
+        gone: list[bytes] = await self._scripts.renew(keys=[self._stream],
+                                                      args=[GROUP, self._name, *handles])
+        # Settled meanwhile is not lost: only those still held here were taken over.
+        lost = [handle for handle in gone if handle in self._held]
+        self._held.difference_update(lost)
+        return lost
+
+    def held(self) -> list[bytes]:
+        """The entries this consumer holds now (fetched, neither settled nor released)."""
+        return list(self._held)
+
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        await self._broker.client.xclaim(
-            self._stream, GROUP, self._name, 0, [d.handle for d in deliveries],
-            idle=RELEASED_IDLE_MS, retrycount=0, justid=True)
-        self._next_claim = 0.0
+        handles = [d.handle for d in deliveries]
+        self._held.difference_update(handles)
+        await self._release(handles)
+
+    async def _release(self, handles: Sequence[bytes]) -> None:
+        await self._scripts.release(keys=[self._stream],
+                                    args=[GROUP, self._name, RELEASED_IDLE_MS, *handles])
+
+    async def stop_fetching(self) -> None:
+        # A read under way returns within BLOCK_MS with what it read; no new read starts.
+        self._stopping = True
 
     async def close(self) -> None:
+        self._stopping = True
+        await self._heartbeat.stop()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -177,15 +274,29 @@ class RedisSubscription(Subscription):
             await asyncio.gather(self._ack_flush, return_exceptions=True)
         if self._acks:
             await self._flush_acks()
-        client = self._broker.client
+        client = self._broker._connected
+        if client is None:
+            return
         try:
-            mine = await client.xpending_range(self._stream, GROUP, '-', '+', 1,
-                                               consumername=self._name)
-            if not mine:  # forget this consumer; one with pending messages must stay
-                await client.xgroup_delconsumer(self._stream, GROUP, self._name)
+            await self._release_orphans(client)
         except Exception as exc:
             self._broker.log.warning('Could not tidy consumer %s of %s: %r',
                                      self._name, self._queue, exc)
+
+    async def _release_orphans(self, client: Any) -> None:
+        """Release what is pending here but was never handed out (e.g. a cancelled read's),
+        then leave the group if nothing is pending here any more."""
+        mine: Any = await client.xpending_range(self._stream, GROUP, '-', '+', CLOSE_SCAN,
+                                                consumername=self._name)
+        orphans = [p['message_id'] for p in mine
+                   if p['time_since_delivered'] < RELEASED_IDLE_MS // 2
+                   and p['message_id'] not in self._unsettled]
+        if orphans:
+            await self._release(orphans)
+            self._broker.log.info('Released %d message(s) of %s read but never handled',
+                                  len(orphans), self._queue)
+        if not mine:  # forget this consumer; one with pending messages must stay
+            await client.xgroup_delconsumer(self._stream, GROUP, self._name)
 
 
 def _block_ms(wait_s: float | None) -> int | None:
@@ -194,8 +305,3 @@ def _block_ms(wait_s: float | None) -> int | None:
         return BLOCK_MS
     block = min(int(wait_s * 1000), BLOCK_MS)
     return block if block > 0 else None
-
-
-def _delivery(entry_id: bytes, fields: dict[bytes, bytes]) -> Delivery:
-    return Delivery(fields[b'body'], fields[b'id'].decode(), int(fields.get(b'attempt', 1)),
-                    entry_id)
