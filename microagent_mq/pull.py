@@ -11,7 +11,7 @@ and on Redis each session is its own member of the consumer group.
 Visibility is the pull layer's own, the same on every broker: a ``Received`` not settled
 within ``visibility`` seconds is given back as a failed attempt (or dead-lettered when it
 was the last one). A process that dies holding messages is covered by the transport:
-Redis claims them once the session's visibility (``visibility`` + a margin) lapses,
+Redis takes them over once its visibility timeout passes without the session's heartbeat,
 RabbitMQ requeues them when the channel closes.
 """
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .consumer import Consumer
 from .exceptions import ConfigurationError, QueueException, SerializingError
 from .handling import queue_decoder
-from .options import VISIBILITY_MARGIN_S, ConsumerOptions
+from .options import ConsumerOptions
 from .queue import Queue, decode
 from .transport import Delivery, Subscription
 
@@ -263,10 +263,10 @@ class _Puller:
         self.sessions: set[_Session] = set()
 
     async def open(self, max_count: int, options: ConsumerOptions, visibility: float) -> _Session:
-        # Redis takes over what a dead receiver held once this lapses: later than we do.
+        # visibility_timeout None: the transport's own crash recovery (Redis: its default,
+        # a live session's hold renewed by its heartbeat; NATS: ack_wait = timeout + margin).
         config = ConsumerOptions(max_attempts=options.max_attempts, concurrency=max_count, prefetch=0,
-                                 retry_delay=options.retry_delay, retry_delay_max=options.retry_delay_max,
-                                 visibility_timeout=visibility + VISIBILITY_MARGIN_S)
+                                 retry_delay=options.retry_delay, retry_delay_max=options.retry_delay_max)
         member = f'{self.broker.uid}-pull-{next(_members)}'
         spec = _PullConsumer(self.queue, config, visibility, member)
         # The broker's protected primitive, as the engine's bind() uses it.

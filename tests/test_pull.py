@@ -42,10 +42,7 @@ async def test_receive_and_ack(broker: AbstractQueueBroker) -> None:
         await got[0].ack()
 
 
-async def test_headers_and_sent_at(broker: AbstractQueueBroker, broker_kind: str,
-                                   request: pytest.FixtureRequest) -> None:
-    if broker_kind == 'redis':  # issue 8: Redis stores no headers nor sent_at yet
-        request.applymarker(pytest.mark.xfail(reason='redis headers land with wip-redis', strict=False))
+async def test_headers_and_sent_at(broker: AbstractQueueBroker) -> None:
     queue = Queue(unique())
     await broker.send(queue.name, {'n': 1}, headers={'k': 'v'})
     [received] = await receive_n(broker, queue.name, 1)
