@@ -12,7 +12,7 @@ import pytest
 from microagent_mq import Queue, QueueException
 from microagent_mq.sync import BrokerClosed, SyncBroker, connect
 
-from .conftest import AMQP_DSN, REDIS_DSN, cleanup, require_server, unique
+from .conftest import AMQP_DSN, NATS_DSN, REDIS_DSN, cleanup, require_server, unique
 
 
 @pytest.fixture
@@ -22,8 +22,9 @@ def sync_broker(broker_kind: str) -> Iterator[SyncBroker]:
         broker = connect(f'memory://{namespace}')
     else:
         require_server(broker_kind)
-        broker = (connect(REDIS_DSN, prefix=f'test:{namespace}:') if broker_kind == 'redis'
-                  else connect(AMQP_DSN))
+        broker = {'redis': lambda: connect(REDIS_DSN, prefix=f'test:{namespace}:'),
+                  'amqp': lambda: connect(AMQP_DSN),
+                  'nats': lambda: connect(NATS_DSN, prefix=f'test_{namespace}')}[broker_kind]()
     yield broker
     broker.close()
     asyncio.run(cleanup(broker_kind, namespace, []))
