@@ -16,6 +16,7 @@ from .exceptions import (
 )
 from .loader import load_queues
 from .messages import Message, MessageInfo, publish, publish_many
+from .middleware import Middleware
 from .options import ConsumerOptions
 from .queue import Queue
 from .transport import DeadLetter
@@ -34,6 +35,7 @@ __all__ = [
     'Message',
     'MessageInfo',
     'MicroAgent',
+    'Middleware',
     'Queue',
     'QueueException',
     'QueueNotFound',

@@ -3,7 +3,7 @@
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -14,6 +14,7 @@ from .default_broker import default_broker_or_none
 from .exceptions import ConfigurationError
 from .handling import check_dto_parameter
 from .messages import is_message_class, routing_of
+from .middleware.base import Middleware
 from .options import ConsumerOptions
 from .queue import Queue, check_name
 
@@ -124,7 +125,10 @@ def on(event: HookName) -> Callable[[F], F]:
 
 
 class MicroAgent:
-    """A service: its ``@consumer`` methods read queues through ``broker``."""
+    """A service: its ``@consumer`` methods read queues through ``broker``.
+
+    ``middlewares``: hooks around each message its consumers handle (after the broker's own).
+    """
 
     _consumer_specs: ClassVar[dict[str, ConsumerSpec]] = {}
     _queue_groups: ClassVar[dict[str, QueueGroup]] = {}
@@ -145,8 +149,10 @@ class MicroAgent:
         cls._hooks = {event: list(dict.fromkeys(names)) for event, names in hooks.items()}
 
     def __init__(self, broker: AbstractQueueBroker | None = None,
-                 log: logging.Logger | None = None, settings: dict[str, Any] | None = None) -> None:
+                 log: logging.Logger | None = None, settings: dict[str, Any] | None = None,
+                 middlewares: Sequence[Middleware] = ()) -> None:
         self.broker = broker
+        self.middlewares = list(middlewares)
         self.log = log or logging.getLogger(f'microagent_mq.agent.{type(self).__name__}')
         self.settings = settings or {}
         self._consumers: list[Consumer] = []

@@ -8,7 +8,7 @@ import os
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -20,9 +20,10 @@ from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
 from .idempotency import Idempotency
 from .messages import check_headers, publication_of, publications
+from .middleware.base import Middleware, before_send
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
-from .transport import DeadLetter, Outgoing, Subscription
+from .transport import DeadLetter, Outgoing, QueueStats, Subscription
 
 __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
 
@@ -53,6 +54,8 @@ class AbstractQueueBroker(ABC):
     uid: str = field(default_factory=lambda: str(uuid4()))
     log: logging.Logger = field(default=logging.getLogger('microagent_mq.broker'))
     _bindings: dict[str, Consumer] = field(default_factory=dict)
+    # Hooks around every message sent and handled through this broker (see ``Middleware``).
+    middlewares: list[Middleware] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._runners: dict[str, ConsumerRunner] = {}
@@ -84,6 +87,8 @@ class AbstractQueueBroker(ABC):
         outgoing = self._outgoing(name, self._encode(name, message), kwargs)
         if headers is not None:
             outgoing.headers = check_headers(headers)
+        if self.middlewares:  # tested here, not in a helper: no extra call per send without them
+            await before_send(self.middlewares, [outgoing])
         await self._publish([outgoing])
 
     async def send_many(self, name: str, messages: Iterable[Message],
@@ -95,18 +100,25 @@ class AbstractQueueBroker(ABC):
             for outgoing in batch:
                 outgoing.headers = checked
         if batch:
+            if self.middlewares:
+                await before_send(self.middlewares, batch)
             await self._publish(batch)
 
     async def publish(self, message: 'TypedMessage', delay: float | None = None,
                       headers: dict[str, Any] | None = None) -> None:
         """Publish a ``Message`` where its class routes it (a queue, or an exchange and topic)."""
-        await self._publish([self._typed_outgoing(message, delay, headers)])
+        outgoing = self._typed_outgoing(message, delay, headers)
+        if self.middlewares:
+            await before_send(self.middlewares, [outgoing])
+        await self._publish([outgoing])
 
     async def publish_many(self, messages: Iterable['TypedMessage'], delay: float | None = None,
                            headers: dict[str, Any] | None = None) -> None:
         """Publish several messages, each routed by its class, in one go."""
         batch = [self._typed_outgoing(m, delay, headers) for m in messages]
         if batch:
+            if self.middlewares:
+                await before_send(self.middlewares, batch)
             await self._publish(batch)
 
     async def receive(self, name: str, max_count: int = 1, wait: float = 0.0,
@@ -138,7 +150,9 @@ class AbstractQueueBroker(ABC):
             if name in self._runners:
                 return
             guard = Idempotency(consumer, self, self.log) if consumer.config.idempotent else None
-            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log, guard)
+            middlewares = [*self.middlewares, *getattr(consumer.agent, 'middlewares', ())]
+            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log, guard,
+                                    middlewares)
             self._runners[name] = runner
             runner.start()
         self.log.info('Consuming %s with %s', name, consumer.name)
@@ -172,11 +186,37 @@ class AbstractQueueBroker(ABC):
         """The oldest ``limit`` dead letters of queue ``name``, left where they are."""
         return await self._dead_letters(self._queue(name).name, limit)
 
-    async def requeue_dead_letters(self, name: str) -> int:
-        """Move the dead letters of queue ``name`` back into it, as first attempts."""
-        count = await self._requeue_dead_letters(self._queue(name).name)
+    async def requeue_dead_letters(self, name: str, ids: Collection[str] | None = None) -> int:
+        """Move the dead letters of queue ``name`` back into it, as first attempts.
+
+        ``ids``: only the dead letters with these message ids (the others stay).
+        """
+        queue = self._queue(name).name
+        if ids is None:
+            count = await self._requeue_dead_letters(queue)
+        else:
+            count = await self._requeue_dead_letters_by_id(queue, frozenset(ids)) if ids else 0
         if count:
             self.log.info('Requeued %d dead letters into %s', count, name)
+        return count
+
+    async def queue_stats(self, name: str) -> QueueStats:
+        """How many messages of queue ``name`` are ready, delayed, in flight and dead."""
+        return await self._stats(self._queue(name).name)
+
+    async def purge(self, name: str) -> int:
+        """Delete the messages waiting in queue ``name`` (ready and, where it can, delayed).
+
+        Messages being handled are not touched. Returns how many were deleted.
+        """
+        count = await self._purge(self._queue(name).name)
+        self.log.warning('Purged %d message(s) from %s', count, name)
+        return count
+
+    async def purge_dead_letters(self, name: str) -> int:
+        """Delete every dead letter of queue ``name``; returns how many."""
+        count = await self._purge_dead_letters(self._queue(name).name)
+        self.log.warning('Purged %d dead letter(s) of %s', count, name)
         return count
 
     async def close(self, grace: float | None = None) -> None:
@@ -258,6 +298,28 @@ class AbstractQueueBroker(ABC):
     @abstractmethod
     async def _disconnect(self) -> None:
         """Close connections; a later call may connect again."""
+
+    # Operators' primitives (admin commands): not abstract, so a transport without them
+    # still works for everything else and says so when one is asked for.
+
+    async def _stats(self, name: str) -> QueueStats:
+        """Counts of queue ``name``."""
+        raise self._unsupported('queue stats')
+
+    async def _purge(self, name: str) -> int:
+        """Delete what waits in queue ``name`` (not what is being handled); how many."""
+        raise self._unsupported('purge')
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        """Delete the dead letters of queue ``name``; how many."""
+        raise self._unsupported('dead-letter purge')
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
+        """Move the dead letters with message ids in ``ids`` back to their queue; how many."""
+        raise self._unsupported('requeue by id')
+
+    def _unsupported(self, what: str) -> QueueException:
+        return QueueException(f'{type(self).__name__} does not support {what}')
 
     # helpers ----------------------------------------------------------------------------
 

@@ -27,9 +27,20 @@ if TYPE_CHECKING:
     from .agent import MicroAgent
     from .transport import Delivery
 
-__all__ = ['Consumer', 'Handler', 'PoisonMessage', 'Route']
+__all__ = ['FILTERED', 'Consumer', 'Handler', 'PoisonMessage', 'Route']
 
-Handler = Callable[..., Awaitable[None]]
+Handler = Callable[..., Awaitable[Any]]
+
+
+class _Filtered:
+    def __repr__(self) -> str:
+        return 'FILTERED'
+
+
+# What ``handler`` returns for a message acknowledged without a handler call (a predicate
+# said no, or a type ignored as configured): the engine reports it as 'filtered'.
+FILTERED = _Filtered()
+
 log = logging.getLogger('microagent_mq.consumer')
 
 
@@ -113,11 +124,11 @@ class Consumer:
         return reason
 
     async def _dispatch(self, route: Route | None, delivery: 'Delivery', kwargs: dict[str, Any],
-                        value: Any) -> None:
+                        value: Any) -> _Filtered | None:
         if route is None:  # an unknown type, ignored as configured
             self.counts['ignored'] += 1
             log.info('Message %s ignored: %s', delivery.message_id, value)
-            return
+            return FILTERED
         config = route.config
         info = None
         if route.info_key:
@@ -126,11 +137,12 @@ class Consumer:
         try:
             if config.predicate is not None and not config.predicate(value):
                 self.counts['filtered'] += 1
-                return
+                return FILTERED
             if route.sync:
                 await self._run_in_thread(route.handler, kwargs)
             else:
                 await route.handler(**kwargs)
+            return None
         except (Retry, Reject):
             raise  # the handler's own word wins
         except Exception as exc:

@@ -4,12 +4,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-from .consumer import Consumer, PoisonMessage
+from .consumer import FILTERED, Consumer, PoisonMessage
 from .control import Reject, Retry
 from .deadlines import Deadlines
 from .idempotency import Idempotency
+from .middleware.base import Middleware, Observation, Outcome, message_info
 from .transport import Delivery, Subscription
 
 FETCH_BACKOFF_MAX_S = 5.0
@@ -24,7 +26,8 @@ class ConsumerRunner:
     """Feeds one consumer from its subscription, with bounded concurrency and a graceful stop."""
 
     def __init__(self, consumer: Consumer, subscription: Subscription, log: logging.Logger,
-                 idempotency: Idempotency | None = None) -> None:
+                 idempotency: Idempotency | None = None,
+                 middlewares: Sequence[Middleware] = ()) -> None:
         self.consumer = consumer
         self.log = log
         self._sub = subscription
@@ -37,7 +40,7 @@ class ConsumerRunner:
         self._renew_after = config.visibility(consumer.timeout) - consumer.timeout
         self._slots = asyncio.Semaphore(config.concurrency)
         self._buffer: deque[Delivery] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._room = asyncio.Event()
         self._stopping = False
         self._in_handler = False
@@ -45,6 +48,9 @@ class ConsumerRunner:
         self._stop_task: asyncio.Task[None] | None = None
         self._deadlines = Deadlines(consumer.timeout)
         self._idempotency = idempotency  # None unless the consumer is idempotent=True
+        # Without middlewares a message costs nothing more: no MessageInfo, no hook call.
+        self._middlewares = tuple(middlewares)
+        self._handle = self._observed if self._middlewares else self._process
 
     def start(self) -> None:
         """Start fetching in a task owned by this runner."""
@@ -160,7 +166,7 @@ class ConsumerRunner:
             while buffer and not self._stopping:
                 self._in_handler = True
                 try:
-                    await self._process(buffer.popleft())
+                    await self._handle(buffer.popleft())
                 finally:
                     self._in_handler = False
             return
@@ -169,63 +175,75 @@ class ConsumerRunner:
             if self._stopping:
                 self._slots.release()
                 return
-            task = asyncio.create_task(self._process(buffer.popleft()))
+            task = asyncio.create_task(self._handle(buffer.popleft()))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         self._slots.release()
         self._room.set()
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _observed(self, delivery: Delivery) -> None:
+        """``_process`` between the middlewares' hooks (used only when there are some)."""
+        seen = Observation(self._middlewares,
+                           message_info(delivery, self._queue, self._config.max_attempts))
+        await seen.before()
+        outcome: Outcome = 'released'
+        try:
+            outcome = await self._process(delivery) or 'released'
+        finally:
+            await seen.after(outcome)
+
+    async def _process(self, delivery: Delivery) -> Outcome | None:
+        """Handle and settle one message; what became of it (None: released, not settled)."""
         consumer = self.consumer
         idempotency = self._idempotency
         if idempotency is not None and await idempotency.seen(delivery):
             await self._settle(self._sub.ack, delivery)
-            return
+            return 'filtered'  # handled before: acknowledged without calling the handler
         try:
             kwargs = consumer.arguments(delivery)
         except PoisonMessage as exc:
-            await self._dead_letter(delivery, f'poison message: {exc}')
-            return
+            return await self._dead_letter(delivery, f'poison message: {exc}')
         if delivery.attempt > self._config.max_attempts:
-            await self._dead_letter(delivery, 'delivered more than max_attempts times '
-                                    '(its consumers died while handling it)')
-            return
+            return await self._dead_letter(delivery, 'delivered more than max_attempts times '
+                                           '(its consumers died while handling it)')
         if time.monotonic() - delivery.received_at > self._renew_after:
             if not await self._renew(delivery):
-                return  # another consumer took it over
+                return None  # another consumer took it over
         task = asyncio.current_task()
         assert task is not None
         outcome: BaseException | None = None
+        result: object = None
         self._deadlines.start(task)
         try:
-            await consumer.handler(**kwargs)
+            result = await consumer.handler(**kwargs)
         except BaseException as exc:  # judged below, in one place
             outcome = exc
         if self._deadlines.finish(task):
-            await self._failed(delivery, f'timed out after {consumer.timeout}s')
+            return await self._failed(delivery, f'timed out after {consumer.timeout}s')
         elif outcome is None:
             if idempotency is not None:
                 await idempotency.record(delivery)
             await self._settle(self._sub.ack, delivery)
+            return 'filtered' if result is FILTERED else 'handled'
         elif isinstance(outcome, Retry):
-            await self._failed(delivery, outcome.reason, outcome.delay)
+            return await self._failed(delivery, outcome.reason, outcome.delay)
         elif isinstance(outcome, Reject):
-            await self._dead_letter(delivery, f'rejected: {outcome.reason}')
+            return await self._dead_letter(delivery, f'rejected: {outcome.reason}')
         elif isinstance(outcome, Exception):
             self.log.warning('Handler %s failed on message %s (attempt %d)', consumer.name,
                              delivery.message_id, delivery.attempt, exc_info=outcome,
                              extra=self._about(delivery))
-            await self._failed(delivery, f'{type(outcome).__name__}: {outcome}')
+            return await self._failed(delivery, f'{type(outcome).__name__}: {outcome}')
         elif isinstance(outcome, asyncio.CancelledError) and task.cancelling() == 0:
             # Nobody cancelled this task: the handler raised CancelledError itself (an inner
             # task's, say). That is this message failing, not a stop.
             self.log.warning('Handler %s raised CancelledError on message %s (attempt %d)',
                              consumer.name, delivery.message_id, delivery.attempt,
                              extra=self._about(delivery))
-            await self._failed(delivery, 'CancelledError raised by the handler')
+            return await self._failed(delivery, 'CancelledError raised by the handler')
         elif isinstance(outcome, asyncio.CancelledError):
             # Cancelled from outside (a stop past its grace, the loop shutting down): not the
             # message's fault, so it goes back without costing an attempt.
@@ -251,23 +269,24 @@ class ConsumerRunner:
                              extra=self._about(delivery))
             return True
 
-    async def _failed(self, delivery: Delivery, error: str, delay: float | None = None) -> None:
+    async def _failed(self, delivery: Delivery, error: str, delay: float | None = None) -> Outcome:
         attempt = delivery.attempt
         if attempt >= self._config.max_attempts:
-            await self._dead_letter(delivery, f'{error} (attempt {attempt} of '
-                                    f'{self._config.max_attempts})')
-            return
+            return await self._dead_letter(delivery, f'{error} (attempt {attempt} of '
+                                           f'{self._config.max_attempts})')
         delay = self._config.backoff(attempt) if delay is None else delay
         self.log.info('Message %s of %s: %s; attempt %d in %.2fs',
                       delivery.message_id, self._queue, error, attempt + 1, delay,
                       extra=self._about(delivery))
         await self._settle(self._sub.retry_later, delivery, delay, error)
+        return 'retried'
 
-    async def _dead_letter(self, delivery: Delivery, error: str) -> None:
+    async def _dead_letter(self, delivery: Delivery, error: str) -> Outcome:
         self.log.error('Message %s of %s dead-lettered after %d attempt(s): %s',
                        delivery.message_id, self._queue, delivery.attempt, error,
                        extra=self._about(delivery))
         await self._settle(self._sub.dead_letter, delivery, error)
+        return 'dead_lettered'
 
     async def _settle(self, action: Callable[..., Awaitable[None]], *args: object) -> None:
         try:

@@ -65,6 +65,21 @@ class DeadLetter:
             return self.body.decode(errors='replace')
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Counts of one queue, for operators; None where a transport cannot tell.
+
+    ``ready``: waiting to be delivered; ``delayed``: due later (retries, delayed sends);
+    ``in_flight``: fetched by a consumer and not settled yet; ``dead``: dead letters.
+    """
+
+    queue: str
+    ready: int
+    delayed: int | None
+    in_flight: int | None
+    dead: int
+
+
 class Subscription(ABC):
     """One consumer's connection to its queue. Transports implement the primitives.
 

@@ -355,3 +355,29 @@ def test_reload_restarts_the_workers_when_a_module_changes(redis_project: Projec
     finally:
         err = stop(proc)
     assert 'Reloading' in err
+
+
+def test_a_worker_waits_for_a_broker_down_at_start(tmp_path: Path) -> None:
+    # Started while its broker is down (as during a RabbitMQ restart), a worker waits for it
+    # instead of dying; then it consumes.
+    if subprocess.run(['which', 'redis-server'], capture_output=True).returncode:
+        pytest.skip('redis-server not installed')
+    port = free_port()
+    project = Project(tmp_path, f'redis://127.0.0.1:{port}/0')
+    proc = project.start(env={'MQ_LOG_LEVEL': 'WARNING'})
+    server = None
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if 'cannot start yet' in line:
+                break
+        assert proc.poll() is None  # still running, waiting for Redis
+        server = own_redis(port, tmp_path)
+        project.send_many(project.q2, 1)
+        poll(lambda: len(project.lines('second')) == 1, what='handled once Redis is up')
+    finally:
+        stop(proc)
+        if server is not None:
+            server.kill()
+            server.wait()
+    assert proc.returncode == 0

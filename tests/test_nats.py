@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from microagent_mq import BrokerUnavailable, ConfigurationError, Queue, Reject
+from microagent_mq.agent_queues import DEFAULT_TIMEOUT_S
 from microagent_mq.cli import main
 from microagent_mq.consumer import Consumer
 from microagent_mq.factory import broker_from_dsn
@@ -36,7 +37,8 @@ async def _subscription(broker: Any, queue: Queue, **options: Any) -> Any:
 
     agent = agent_for(queue, handler, **options)(broker=broker)
     spec = agent._consumer_specs['handle']
-    return await broker._subscribe(Consumer(agent, agent.handle, queue, spec.timeout, spec.options))
+    return await broker._subscribe(Consumer(agent, agent.handle, queue, spec.timeout or DEFAULT_TIMEOUT_S,
+                                            spec.options))
 
 
 async def _fetch(subscription: Any, count: int) -> list[Any]:

@@ -21,8 +21,10 @@ from ..dsn import mask_dsn
 from ..exceptions import QueueException
 from ..factory import broker_from_dsn
 from ..loader import load_queues
+from . import admin
 from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, CLIError
 from .logs import FORMATS, LEVELS, setup_logging
+from .observe import Observers
 from .run import catch_early_signals, load_agent, loop_runner, run_agents
 from .supervisor import Supervisor, check_reload_available
 
@@ -123,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
                           'the current directory)')
     run.add_argument('--health-port', type=_port, default=env('HEALTH_PORT'),
                      help='serve /livez and /readyz on this port (env MQ_HEALTH_PORT)')
+    run.add_argument('--metrics-port', type=_port, default=env('METRICS_PORT'),
+                     help='serve Prometheus metrics on this port; with --workers, the aggregate of '
+                          "all workers (env MQ_METRICS_PORT; needs 'microagent-mq[metrics]')")
+    run.add_argument('--tracing', action=argparse.BooleanOptionalAction,
+                     default=_bool_env('TRACING') or False,
+                     help="OpenTelemetry spans for sending and handling (env MQ_TRACING; needs "
+                          "'microagent-mq[otel]' and an SDK configured, e.g. by opentelemetry-instrument)")
     run.add_argument('--uvloop', action=argparse.BooleanOptionalAction, default=_bool_env('UVLOOP'),
                      help='use uvloop (env MQ_UVLOOP; default: when installed)')
     send = commands.add_parser('send', parents=[common], help='send one JSON message')
@@ -133,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     length = commands.add_parser('length', parents=[common], help='print a queue length')
     length.add_argument('queue')
     _add_outbox(commands, common)
+    admin.add_commands(commands, common, _positive_int)
     return root
 
 
@@ -185,6 +195,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.broker.startswith('memory://'):
         log.warning('%s on %s: a memory broker lives in this process only; nothing outlives it',
                     args.command, args.broker)
+    if args.command in admin.COMMANDS:
+        return admin.dispatch(args, broker)
     if args.command == 'send':
         asyncio.run(send(broker, args.queue, args.message, topic=args.topic, delay=args.delay))
     else:
@@ -203,13 +215,16 @@ def _run(args: argparse.Namespace, broker: AbstractQueueBroker) -> int:
         if args.reload:
             check_reload_available()
         dirs = args.reload_dir or [d for d in (env('RELOAD_DIR') or os.getcwd()).split(os.pathsep) if d]
+        metrics_port = None if args.metrics_port is None else int(args.metrics_port)
         supervisor = Supervisor(_worker_args(args), workers, grace,
-                                dirs if args.reload else (), args.health_port)
+                                dirs if args.reload else (), args.health_port, metrics_port)
         with loop_runner(args.uvloop) as runner:
             return runner.run(supervisor.run())
     health_port = None if args.health_port is None else int(args.health_port)
+    metrics_port = None if args.metrics_port is None else int(args.metrics_port)
+    observers = Observers(broker, metrics_port, args.tracing)
     with loop_runner(args.uvloop) as runner:
-        runner.run(run_agents(broker, agents, grace, only, health_port))
+        runner.run(run_agents(broker, agents, grace, only, health_port, observers))
     return EXIT_OK
 
 
@@ -224,6 +239,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         worker += ['--only', args.only]
     if args.uvloop is not None:
         worker.append('--uvloop' if args.uvloop else '--no-uvloop')
+    worker.append('--tracing' if args.tracing else '--no-tracing')
     return worker
 
 

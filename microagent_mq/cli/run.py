@@ -13,12 +13,15 @@ import orjson
 
 from ..agent import MicroAgent
 from ..broker import AbstractQueueBroker
+from ..exceptions import BrokerUnavailable
 from .errors import EXIT_RUNTIME, CLIError
 from .health import HealthServer
+from .observe import Observers
 
 log = logging.getLogger('microagent_mq.cli')
 READY_PROBE_S = 2.0  # a broker that does not answer a length query in this long is not ready
 STATUS_EVERY_S = 1.0  # how often a supervised worker reports its readiness
+START_RETRY_FIRST_S, START_RETRY_MAX_S = 0.5, 10.0  # a broker unreachable at start
 
 
 _early_signals: list[int] = []
@@ -69,7 +72,7 @@ def restrict(agent: MicroAgent, only: set[str]) -> None:
 
 async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[MicroAgent]],
                      grace: float | None, only: set[str] | None = None,
-                     health_port: int | None = None) -> None:
+                     health_port: int | None = None, observers: Observers | None = None) -> None:
     """Start the agents, wait for SIGINT or SIGTERM, stop them gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,14 +94,13 @@ async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[Micro
     background: list[asyncio.Task[None]] = []
     try:
         for agent in agents:
-            try:
-                await agent.start()
-            except Exception as exc:
-                raise CLIError(f'{type(agent).__name__} failed to start: '
-                               f'{type(exc).__name__}: {exc}', EXIT_RUNTIME) from exc
+            if not await start_when_reachable(agent, stop):
+                return  # stopped while the broker was still unreachable: nothing ran
             started.append(agent)
         if health is not None:
             await health.start()
+        if observers is not None:
+            await observers.start([c.queue.name for agent in started for c in agent._consumers])
         if status_dir := os.environ.get('MQ_STATUS_FILE'):
             background.append(asyncio.create_task(report_status(Path(status_dir), broker, started)))
         background.append(asyncio.create_task(watch_parent(stop)))
@@ -112,12 +114,35 @@ async def run_agents(broker: AbstractQueueBroker, agent_classes: list[type[Micro
         await asyncio.gather(*background, return_exceptions=True)
         if health is not None:
             await health.stop()
+        if observers is not None:
+            await observers.stop()
         for agent in reversed(started):
             try:
                 await agent.stop(grace)
             except Exception:
                 log.exception('Stopping %s failed', type(agent).__name__)
         await broker.close()
+
+
+async def start_when_reachable(agent: MicroAgent, stop: asyncio.Event) -> bool:
+    """Start ``agent``, waiting out a broker that is unreachable (a worker started while
+    RabbitMQ restarts must not die of it); False if told to stop first. Other errors are final.
+    """
+    pause = START_RETRY_FIRST_S
+    while True:
+        try:
+            await agent.start()
+            return True
+        except BrokerUnavailable as exc:
+            log.warning('%s cannot start yet: %s; retrying in %.1fs', type(agent).__name__, exc, pause)
+        except Exception as exc:
+            raise CLIError(f'{type(agent).__name__} failed to start: '
+                           f'{type(exc).__name__}: {exc}', EXIT_RUNTIME) from exc
+        try:
+            await asyncio.wait_for(stop.wait(), pause)
+            return False
+        except TimeoutError:
+            pause = min(pause * 2, START_RETRY_MAX_S)
 
 
 async def readiness(broker: AbstractQueueBroker, agents: list[MicroAgent]) -> tuple[bool, dict[str, Any]]:

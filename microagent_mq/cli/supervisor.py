@@ -23,6 +23,7 @@ import orjson
 
 from .errors import EXIT_OK, EXIT_RUNTIME, CLIError
 from .health import HealthServer
+from .observe import AggregateMetrics
 
 log = logging.getLogger('microagent_mq.cli')
 BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S = 0.5, 30.0, 60.0
@@ -44,7 +45,8 @@ class Supervisor:
     """Starts ``count`` workers with ``worker_args`` and keeps them running until told to stop."""
 
     def __init__(self, worker_args: Sequence[str], count: int, grace: float | None,
-                 reload_dirs: Sequence[str] = (), health_port: int | None = None) -> None:
+                 reload_dirs: Sequence[str] = (), health_port: int | None = None,
+                 metrics_port: int | None = None) -> None:
         self.worker_args = list(worker_args)
         self.workers = [Worker(i) for i in range(count)]
         self.grace = 30.0 if grace is None else grace
@@ -54,7 +56,11 @@ class Supervisor:
         self._forced = False
         self._failed = False
         self._wake = asyncio.Event()
+        self._replacing: set[int] = set()  # pids a reload stops on purpose: not deaths
+        self._reloading = False  # between a reload's stop of the old workers and its new ones
         self._status_dir = Path(tempfile.mkdtemp(prefix='microagent-mq-'))
+        # --metrics-port: the workers record, the supervisor serves their aggregate.
+        self._metrics = AggregateMetrics(metrics_port) if metrics_port is not None else None
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT and every worker has exited; the process exit status."""
@@ -64,6 +70,8 @@ class Supervisor:
         health = HealthServer(self.health_port, self._ready) if self.health_port else None
         if health is not None:
             await health.start()
+        if self._metrics is not None:
+            self._metrics.start()
         watcher = asyncio.create_task(self._watch()) if self.reload_dirs else None
         try:
             for worker in self.workers:
@@ -77,6 +85,8 @@ class Supervisor:
                 await asyncio.gather(watcher, return_exceptions=True)
             if health is not None:
                 await health.stop()
+            if self._metrics is not None:
+                self._metrics.close()
             for worker in self.workers:
                 if worker.status_file is not None:
                     worker.status_file.unlink(missing_ok=True)
@@ -112,15 +122,18 @@ class Supervisor:
         worker.status_file.unlink(missing_ok=True)
         env = {**os.environ, 'MQ_SUPERVISED': '1', 'MQ_WORKER_INDEX': str(worker.index),
                'MQ_STATUS_FILE': str(worker.status_file)}
+        if self._metrics is not None:
+            env.pop('MQ_METRICS_PORT', None)  # the supervisor serves; workers only record
+            env.update(self._metrics.worker_env())
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, '-m', 'microagent_mq', *self.worker_args, env=env)
         worker.started_at = time.monotonic()
 
     async def _supervise(self) -> None:
         while True:
-            running = {asyncio.ensure_future(w.proc.wait()): w for w in self.workers
+            running = {asyncio.ensure_future(w.proc.wait()): (w, w.proc) for w in self.workers
                        if w.proc is not None and w.proc.returncode is None}
-            if not running:
+            if not running and not self._reloading:
                 return
             wake = asyncio.ensure_future(self._wake.wait())
             timeout = self.grace + KILL_AFTER_S if self._stopping else None
@@ -136,13 +149,17 @@ class Supervisor:
                 self._failed = True
                 continue
             for task in done:
-                worker = running.get(task)
-                if worker is not None:
-                    await self._exited(worker)
+                if task in running:
+                    worker, proc = running[task]
+                    if proc is worker.proc and proc.pid not in self._replacing:
+                        await self._exited(worker)
+                    # else: a reload replaced it; the reload already started its successor
 
     async def _exited(self, worker: Worker) -> None:
         assert worker.proc is not None
         code = worker.proc.returncode
+        if self._metrics is not None:
+            self._metrics.worker_exited(worker.proc.pid)
         if self._stopping:
             never_started = worker.status_file is None or not worker.status_file.exists()
             if code == -signal.SIGTERM and never_started:
@@ -167,6 +184,8 @@ class Supervisor:
 
     async def _restart_all(self) -> None:
         log.info('Reloading: restarting %d worker(s)', len(self.workers))
+        self._replacing = {w.proc.pid for w in self.workers if w.proc is not None}
+        self._reloading = True
         self._signal_all(signal.SIGTERM)
         for worker in self.workers:
             if worker.proc is not None:
@@ -175,11 +194,14 @@ class Supervisor:
                 except TimeoutError:
                     worker.proc.kill()
                     await worker.proc.wait()
-        for worker in self.workers:
-            if not self._stopping:
-                worker.backoff = BACKOFF_FIRST_S
-                await self._spawn(worker)
-        self._wake.set()
+        try:
+            for worker in self.workers:
+                if not self._stopping:
+                    worker.backoff = BACKOFF_FIRST_S
+                    await self._spawn(worker)
+        finally:
+            self._reloading = False
+            self._wake.set()
 
     async def _watch(self) -> None:
         try:

@@ -12,7 +12,7 @@ import orjson
 
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
-from ..transport import DeadLetter, Delivery, Outgoing, Subscription
+from ..transport import DeadLetter, Delivery, Outgoing, QueueStats, Subscription
 
 # The message objects a publish is sending, paired in order with the records it makes.
 # Per task (a context variable), so concurrent publishes cannot swap their messages.
@@ -121,6 +121,18 @@ class NullBroker(AbstractQueueBroker):
         return []
 
     async def _requeue_dead_letters(self, name: str) -> int:
+        return 0
+
+    async def _stats(self, name: str) -> QueueStats:
+        return QueueStats(name, 0, 0, 0, 0)
+
+    async def _purge(self, name: str) -> int:
+        return 0
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        return 0
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
         return 0
 
     async def _disconnect(self) -> None:

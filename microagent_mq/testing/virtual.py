@@ -11,7 +11,7 @@ from typing import Any
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..exceptions import QueueException
-from ..transport import DeadLetter, Delivery, Outgoing, Subscription
+from ..transport import DeadLetter, Delivery, Outgoing, QueueStats, Subscription
 from .capture import HandlerErrorLog
 from .clock import VirtualClock, check_seconds
 from .queues import Activity, VirtualQueue, VirtualSubscription
@@ -191,6 +191,34 @@ class TestBroker(AbstractQueueBroker):
 
     async def _disconnect(self) -> None:
         return None
+
+    # operators' primitives ----------------------------------------------------------------
+
+    async def _stats(self, name: str) -> QueueStats:
+        queue = self._get(name)
+        subscription = self._subscriptions.get(name)
+        in_flight = subscription.in_flight if subscription is not None else 0
+        return QueueStats(name, queue.promote_due(), len(queue.delayed), in_flight, len(queue.dead))
+
+    async def _purge(self, name: str) -> int:
+        queue = self._get(name)
+        count = len(queue.ready) + len(queue.delayed)
+        queue.ready.clear()
+        queue.delayed.clear()
+        return count
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        queue = self._get(name)
+        count, queue.dead = len(queue.dead), []
+        return count
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
+        queue = self._get(name)
+        chosen = [letter for letter in queue.dead if letter.message_id in ids]
+        queue.dead = [letter for letter in queue.dead if letter.message_id not in ids]
+        for letter in chosen:
+            queue.put(Delivery(letter.body, letter.message_id))
+        return len(chosen)
 
 
 def _live_brokers() -> list[AbstractQueueBroker]:

@@ -31,7 +31,8 @@ from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..queue import Queue
-from ..transport import DeadLetter, Outgoing, Subscription
+from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
+from . import amqp_admin
 from .amqp_bindings import sync_bindings
 from .amqp_codec import attempt_of, failed_at_of, headers_of, outgoing_message, sent_at_of
 from .amqp_consumer import AMQPSubscription
@@ -321,6 +322,18 @@ class AMQPBroker(AbstractQueueBroker):
                 await message.ack()
                 moved += 1
         return moved
+
+    async def _stats(self, name: str) -> QueueStats:
+        return await amqp_admin.stats(self, name)
+
+    async def _purge(self, name: str) -> int:
+        return await amqp_admin.purge(self, name)
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        return await amqp_admin.purge(self, f'{name}.dlq')
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
+        return await amqp_admin.requeue_by_id(self, name, ids)
 
 
 def _dead_letter(queue: str, message: AbstractIncomingMessage) -> DeadLetter:

@@ -12,7 +12,7 @@ from typing import Any
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import parse_dsn
-from ..transport import DeadLetter, Delivery, Outgoing, Subscription, now_s
+from ..transport import DeadLetter, Delivery, Outgoing, QueueStats, Subscription, now_s
 
 IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
 
@@ -25,6 +25,7 @@ class MemoryQueue:
     delayed: list[tuple[float, int, Delivery]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     waiters: list['asyncio.Future[None]'] = field(default_factory=list)
+    in_flight: int = 0  # fetched by a consumer, not settled yet (for stats)
 
     def put(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delay > 0:
@@ -98,6 +99,33 @@ class MemoryBroker(AbstractQueueBroker):
     async def _disconnect(self) -> None:
         return None
 
+    # operators' primitives ----------------------------------------------------------------
+
+    async def _stats(self, name: str) -> QueueStats:
+        queue = self._get(name)
+        queue.promote_due()
+        return QueueStats(name, len(queue.ready), len(queue.delayed), queue.in_flight, len(queue.dead))
+
+    async def _purge(self, name: str) -> int:
+        queue = self._get(name)
+        count = len(queue.ready) + len(queue.delayed)
+        queue.ready.clear()
+        queue.delayed.clear()
+        return count
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        queue = self._get(name)
+        count, queue.dead = len(queue.dead), []
+        return count
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
+        queue = self._get(name)
+        chosen = [letter for letter in queue.dead if letter.message_id in ids]
+        queue.dead = [letter for letter in queue.dead if letter.message_id not in ids]
+        for letter in chosen:
+            queue.put(Delivery(letter.body, letter.message_id))
+        return len(chosen)
+
 
 class MemorySubscription(Subscription):
     """A consumer's view of a ``MemoryQueue``."""
@@ -131,6 +159,7 @@ class MemorySubscription(Subscription):
                 return []
             queue.promote_due()
         batch = [ready.popleft() for _ in range(min(max_count, len(ready)))]
+        queue.in_flight += len(batch)
         now = time.monotonic()
         for delivery in batch:
             delivery.received_at = now
@@ -142,17 +171,20 @@ class MemorySubscription(Subscription):
             self._waiter.set_result(None)
 
     async def ack(self, delivery: Delivery) -> None:
-        return None
+        self._queue.in_flight -= 1
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
+        self._queue.in_flight -= 1
         self._queue.put(Delivery(delivery.body, delivery.message_id, delivery.attempt + 1, None,
                                  delivery.headers, delivery.sent_at), delay)
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        self._queue.in_flight -= 1
         self._queue.dead.append(DeadLetter(self._name, delivery.message_id, delivery.body,
                                            error, delivery.attempt, now_s()))
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
+        self._queue.in_flight -= len(deliveries)
         self._queue.ready.extendleft(reversed(deliveries))
         self._queue.wake()
 

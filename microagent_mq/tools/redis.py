@@ -25,7 +25,7 @@ try:
     from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError
+    from redis.exceptions import NoScriptError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("RedisBroker needs redis: pip install 'microagent-mq[redis]'") from exc
@@ -34,7 +34,7 @@ from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import check_redis_db, mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
-from ..transport import DeadLetter, Outgoing, Subscription
+from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
 from .redis_codec import due_ms, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
 from .redis_scripts import Scripts
@@ -297,6 +297,74 @@ class RedisBroker(AbstractQueueBroker):
                 if int(count) < REQUEUE_BATCH:
                     return moved
                 start = b'(' + last
+
+    # operators' primitives (admin commands) -------------------------------------------------
+
+    async def _stats(self, name: str) -> QueueStats:
+        async with self.guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.zcard(self.delayed_key(name))
+            pipe.xlen(self.dead_key(name))
+            delayed, dead = await pipe.execute()
+            ready = await self._length(name)  # waiting: never delivered, released, or due
+            try:
+                stream = self.stream_key(name)
+                pending = int((await self.client.xpending(stream, GROUP))['pending'])
+                released: Any = await self.client.xpending_range(
+                    stream, GROUP, '-', '+', 1 << 31, idle=RELEASED_IDLE_MS // 2)
+                in_flight = max(pending - len(released), 0)
+            except ResponseError:  # no group yet: nobody ever consumed it
+                in_flight = 0
+        return QueueStats(name, ready, int(delayed), in_flight, int(dead))
+
+    async def _purge(self, name: str) -> int:
+        # What waits: stream entries nobody holds (in flight ones are pending in the group),
+        # and the delayed ones. An entry read at this very moment may still be handled.
+        stream = self.stream_key(name)
+        async with self.guard():
+            held: set[bytes] = set()
+            try:
+                pending: Any = await self.client.xpending_range(stream, GROUP, '-', '+', 1 << 31)
+                held = {entry['message_id'] for entry in pending}
+            except ResponseError:
+                pass  # no group yet: nobody holds anything
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zcard(self.delayed_key(name))
+                pipe.delete(self.delayed_key(name))
+                delayed, _ = await pipe.execute()
+            deleted = int(delayed)
+            entries = await self._page(stream, '-')
+            while entries:
+                waiting = [entry_id for entry_id, _ in entries if entry_id not in held]
+                if waiting:
+                    deleted += int(await self.client.xdel(stream, *waiting))
+                entries = await self._page(stream, '(' + entries[-1][0].decode())
+        return deleted
+
+    async def _purge_dead_letters(self, name: str) -> int:
+        async with self.guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.dead_key(name))
+            pipe.delete(self.dead_key(name))
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
+        moved, dead = 0, self.dead_key(name)
+        async with self.guard():
+            entries = await self._page(dead, '-')
+            while entries:
+                for entry_id, fields in entries:
+                    message_id = fields.get(b'id', b'').decode(errors='replace') or entry_id.decode()
+                    if message_id in ids:  # moved by the requeue script: one entry, atomically
+                        count, _ = await self._lua.requeue(
+                            keys=[dead, self.stream_key(name)], args=[entry_id, entry_id, 1],
+                            client=self.client)
+                        moved += int(count)
+                entries = await self._page(dead, '(' + entries[-1][0].decode())
+        return moved
+
+    async def _page(self, stream: str, start: str) -> Any:
+        """The next 500 entries of ``stream`` from ``start`` (``(id`` excludes ``id``)."""
+        return await self.client.xrange(stream, start, '+', count=500)
 
 
 def _dead_letter(queue: str, entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
