@@ -8,7 +8,7 @@ import os
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -29,6 +29,7 @@ __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
 
 if TYPE_CHECKING:
     from .messages import Message as TypedMessage
+    from .pull import Received
 
 SEND_OPTIONS = frozenset({'topic', 'delay', 'message_id'})
 MAX_MESSAGE_ID = 200  # characters: a caller's own stable id (an outbox row's, say)
@@ -63,6 +64,8 @@ class AbstractQueueBroker(ABC):
         # Message ids: random per broker, then a counter; unique without a uuid per message.
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex() + '-'
+        # Layers above (pull sessions) register here what close() must end first.
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     @staticmethod
     def live_brokers() -> list['AbstractQueueBroker']:
@@ -141,6 +144,26 @@ class AbstractQueueBroker(ABC):
         if self.middlewares:
             await before_send(self.middlewares, [outgoing])
         await self._publish([outgoing])
+
+    async def receive(self, name: str, max_count: int = 1, wait: float = 0.0,
+                      visibility: float | None = None, **options: Any) -> list['Received']:
+        """Pull up to ``max_count`` messages of queue ``name``, waiting up to ``wait`` s for one.
+
+        Settle each with ``ack()``, ``retry(delay=None)`` or ``reject(reason)`` within
+        ``visibility`` seconds, or it is given back as a failed attempt (docs/pull.md).
+        ``options``: ``max_attempts``, ``retry_delay``, ``retry_delay_max`` (as for agents).
+        """
+        from .pull import receive
+
+        return await receive(self, name, max_count, wait, visibility, **options)
+
+    def queue(self, name: str) -> 'BoundQueue':
+        """Queue ``name`` seen through this broker; for names that are no identifier too."""
+        return BoundQueue(self, Queue.get(name))
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Have ``close()`` await ``closer()`` before it stops consumers and disconnects."""
+        self._closers.append(closer)
 
     async def bind(self, name: str) -> None:
         """Start reading queue ``name`` with the consumer bound to it."""
@@ -236,6 +259,12 @@ class AbstractQueueBroker(ABC):
 
     async def _close(self, grace: float | None) -> None:
         try:
+            closers, self._closers = self._closers, []
+            for closer in closers:
+                try:
+                    await closer()
+                except Exception:
+                    self.log.exception('Closing %r failed', closer)
             results = await asyncio.gather(*(self.unbind(name, grace) for name in list(self._runners)),
                                            return_exceptions=True)
             for result in results:
@@ -407,6 +436,18 @@ class BoundQueue:
     async def length(self) -> int:
         """Messages waiting in this queue."""
         return await self.broker.queue_length(self.queue.name)
+
+    async def receive(self, max_count: int = 1, wait: float = 0.0, visibility: float | None = None,
+                      **options: Any) -> list['Received']:
+        """Pull messages of this queue (see ``AbstractQueueBroker.receive``)."""
+        return await self.broker.receive(self.queue.name, max_count, wait, visibility, **options)
+
+    def iterate(self, batch: int = 1, wait: float = 1.0, visibility: float | None = None,
+                **options: Any) -> AsyncIterator['Received']:
+        """``async for r in broker.<queue>.iterate():`` every message as it comes; break to stop."""
+        from .pull import iterate
+
+        return iterate(self.broker, self.queue.name, batch, wait, visibility, **options)
 
 
 def _body(message: Message) -> bytes:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from .exceptions import ConfigurationError, QueueSourceError
-from .queue import Queue, check_durability, check_name
+from .queue import Queue, check_durability, check_name, identifier
 
 URL_TIMEOUT_S = 10.0
 MAX_SOURCE_BYTES = 1024 * 1024
@@ -23,7 +23,8 @@ RESERVED = frozenset({'_make', '_replace', '_asdict', '_fields', '_field_default
 def load_queues(source: str) -> NamedTuple:
     """Load queue declarations from ``file://path``, a plain path or an ``http(s)://`` URL.
 
-    Returns a NamedTuple whose attributes are the declared ``Queue`` objects.
+    Returns a NamedTuple whose attributes are the declared ``Queue`` objects, each under
+    the identifier form of its name (``bioconnect-id-service`` as ``bioconnect_id_service``).
     """
     raw = _read(source)
     try:
@@ -45,12 +46,19 @@ def declare_queues(document: Any, source: str = '<dict>') -> NamedTuple:
     names = [_check_spec(spec, index, source) for index, spec in enumerate(specs)]
     if duplicates := sorted({name for name in names if names.count(name) > 1}):
         raise QueueSourceError(f'{source}: duplicate queue names {duplicates}')
+    fields = [identifier(name) for name in names]
+    for index, field in enumerate(fields):
+        if (first := fields.index(field)) != index:
+            raise QueueSourceError(f'{source}: queues {names[first]!r} and {names[index]!r} both map '
+                                   f'to the attribute {field!r}')
+        if field in RESERVED:
+            raise QueueSourceError(f'{source}: queues[{index}]: the name {names[index]!r} is reserved')
     queues = [
         Queue(spec['name'], spec.get('exchange', ''), tuple(spec.get('topics', ())),
               spec.get('durability', ''))
         for spec in specs
     ]
-    result: NamedTuple = _named_tuple(names)(*queues)
+    result: NamedTuple = _named_tuple(fields)(*queues)
     return result
 
 

@@ -11,7 +11,11 @@ from .routing import is_valid_pattern, topic_matches
 
 __all__ = ['Queue', 'QueueException', 'QueueNotFound', 'SerializingError']
 
-NAME_RE = re.compile(r'^[a-z_][a-z0-9_]*$')
+# Identifiers, and names of other systems such as ``bioconnect-id-service``: lower case,
+# digits and ``_``, parts joined by ``-`` or ``.``, none empty.
+NAME_RE = re.compile(r'^[a-z0-9_]+(?:[.-][a-z0-9_]+)*$')
+# Suffixes the transports give to keys and queues of their own (dead letters).
+RESERVED_SUFFIXES = ('.dlq',)
 # How RabbitMQ keeps a queue (other brokers ignore it); '' leaves it to the broker's default.
 DURABILITIES = ('classic', 'quorum')
 
@@ -19,7 +23,10 @@ DURABILITIES = ('classic', 'quorum')
 def check_name(name: object, what: str = 'queue name') -> str:
     """Return ``name`` if it is a valid queue or exchange name, else raise."""
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ConfigurationError(f'invalid {what} {name!r}: must match [a-z_][a-z0-9_]*')
+        raise ConfigurationError(f'invalid {what} {name!r}: lower-case letters, digits and _, '
+                                 f'parts joined by - or . (like user_created or bioconnect-id-service)')
+    if name.endswith(RESERVED_SUFFIXES):
+        raise ConfigurationError(f'invalid {what} {name!r}: {RESERVED_SUFFIXES[0]} names dead letters')
     return name
 
 
@@ -29,6 +36,11 @@ def check_durability(value: object, where: str = '', allow_default: bool = False
         return str(value)
     raise ConfigurationError(f'{where}unknown durability {value!r}: expected '
                              f"{' or '.join(map(repr, DURABILITIES))}")
+
+
+def identifier(name: str) -> str:
+    """The Python identifier form of a queue name: ``bioconnect-id-service`` → ``bioconnect_id_service``."""
+    return name.replace('-', '_').replace('.', '_')
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,13 @@ class Subscription(ABC):
     """
 
     @abstractmethod
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
-        """Up to ``max_count`` messages; may return none after waiting a while."""
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
+        """Up to ``max_count`` messages; may return none after waiting a while.
+
+        ``wait_s``: wait at most this long for a first message when none is ready (0: do
+        not wait); None: the transport's own idle wake-up (under about a second). The pull
+        layer needs the bound: a fetch cancelled mid-way could strand what it read.
+        """
 
     @abstractmethod
     async def ack(self, delivery: Delivery) -> None:

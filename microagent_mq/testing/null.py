@@ -145,8 +145,15 @@ class _NothingSubscription(Subscription):
     def __init__(self) -> None:
         self._stopped = asyncio.Event()
 
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
-        await self._stopped.wait()
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
+        if wait_s is None:
+            await self._stopped.wait()
+            return []
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._stopped.wait()
+        except TimeoutError:
+            pass
         return []
 
     async def ack(self, delivery: Delivery) -> None:

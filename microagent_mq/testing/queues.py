@@ -121,7 +121,9 @@ class VirtualSubscription(Subscription):
     def idle(self) -> bool:
         return not self.in_flight and (self._stopped or not self.queue.promote_due())
 
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
+        # Real time bounds ``wait_s`` (a pull's wait); the virtual clock moves only in advance().
+        deadline = None if wait_s is None else asyncio.get_running_loop().time() + wait_s
         while not self._stopped:
             if self._activity.processing and (batch := self.queue.take(max_count)):
                 self.in_flight += len(batch)
@@ -131,7 +133,17 @@ class VirtualSubscription(Subscription):
                     delivery.received_at = now
                 return batch
             self._wake.clear()
-            await self._wake.wait()
+            if deadline is None:
+                await self._wake.wait()
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return []
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                return []
         return []
 
     async def ack(self, delivery: Delivery) -> None:

@@ -145,6 +145,12 @@ class TestBroker(AbstractQueueBroker):
                     f'on {other!r}: start the agent with broker=<this TestBroker>')
         self._checked |= waiting  # found nowhere else: these queues wait on purpose
 
+    async def receive(self, name: str, max_count: int = 1, wait: float = 0.0,
+                      visibility: float | None = None, **options: Any) -> Any:
+        """Not on a TestBroker: its queues deliver only inside process_messages()/advance()."""
+        raise QueueException('receive() is not supported on a TestBroker (it delivers only inside '
+                             "process_messages()); test pull code on MemoryBroker('memory://')")
+
     # primitives -------------------------------------------------------------------------
 
     def _get(self, name: str) -> VirtualQueue:

@@ -133,14 +133,17 @@ class AMQPSubscription(Subscription):
         self._broker.log.error('A copy of message %s for %s was returned as unroutable: lost',
                                getattr(message, 'message_id', '?'), self._name)
 
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
         incoming = self._incoming
         if self._fetching and self._closed():
             await self.open()  # raises while RabbitMQ is away: the engine retries, backing off
+        idle = IDLE_WAKE_S if wait_s is None else min(wait_s, IDLE_WAKE_S)
         if not incoming and self._fetching:
+            if idle <= 0:
+                return []
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(IDLE_WAKE_S):
+                async with asyncio.timeout(idle):
                     await self._waiter
             except TimeoutError:
                 return []

@@ -136,17 +136,18 @@ class MemorySubscription(Subscription):
         self._waiter: asyncio.Future[None] | None = None
         self._stopped = False
 
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
         if self._stopped:
             return []
         queue = self._queue
         wait = queue.promote_due()
         ready = queue.ready
-        if not ready:
+        idle = IDLE_WAKE_S if wait_s is None else min(wait_s, IDLE_WAKE_S)
+        if not ready and idle > 0:
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             queue.waiters.append(waiter)
             try:
-                async with asyncio.timeout(min(wait or IDLE_WAKE_S, IDLE_WAKE_S)):
+                async with asyncio.timeout(min(wait or idle, idle)):
                     await waiter
             except TimeoutError:
                 pass

@@ -41,28 +41,36 @@ class Names:
     prefix: str
 
     def stream(self, queue: str) -> str:
-        return f'{self.prefix}-{queue}'
+        return f'{self.prefix}-{_token(queue)}'
 
     def subject(self, queue: str) -> str:
-        return f'{self.prefix}.{queue}'
+        return f'{self.prefix}.{_token(queue)}'
 
     def dlq_stream(self, queue: str) -> str:
-        return f'{self.prefix}-{queue}-dlq'
+        return f'{self.prefix}-{_token(queue)}-dlq'
 
     def dlq_subject(self, queue: str) -> str:
-        return f'{self.prefix}.{queue}.dlq'
+        return f'{self.prefix}.{_token(queue)}.dlq'
 
     def delayed_stream(self, queue: str) -> str:
-        return f'{self.prefix}-{queue}-delayed'
+        return f'{self.prefix}-{_token(queue)}-delayed'
 
     def delayed_subject(self, queue: str) -> str:
-        return f'{self.prefix}.{queue}.delayed'
+        return f'{self.prefix}.{_token(queue)}.delayed'
 
     def free_stream(self, queue: str) -> str:
-        return f'{self.prefix}-{queue}-free'
+        return f'{self.prefix}-{_token(queue)}-free'
 
     def free_subject(self, queue: str, seq: int | str) -> str:
-        return f'{self.prefix}.{queue}.free.{seq}'
+        return f'{self.prefix}.{_token(queue)}.free.{seq}'
+
+
+def _token(queue: str) -> str:
+    """A queue name as one NATS name token: ``.`` separates subject tokens and is refused in
+    stream names, and ``-`` joins our suffixes (``-dlq``). Queue names are lower case, so
+    upper-case stand-ins cannot collide: ``bioconnect-id.service`` → ``bioconnectHidPservice``.
+    Identifiers are unchanged."""
+    return queue.replace('-', 'H').replace('.', 'P')
 
 
 def message_headers(message_id: str, sent_at: float = 0.0,

@@ -93,13 +93,13 @@ class NATSSubscription(Subscription):
         await self._broker.client.publish(self._next, json.dumps(request).encode(),
                                           reply=f'{self._inbox}.{self._request}')
 
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
-        if not self._ready and not self._stopped:
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
+        if not self._ready and not self._stopped and (wait_s is None or wait_s > 0):
             if self._lost:
                 await self._declare_again()
             if not self._open:
                 await self._pull(max_count)
-            await self._wait(lambda: bool(self._ready) or not self._open or self._stopped)
+            await self._wait(lambda: bool(self._ready) or not self._open or self._stopped, wait_s)
         if not self._ready:
             return []
         msgs = [self._ready.popleft() for _ in range(min(max_count, len(self._ready)))]
@@ -109,13 +109,16 @@ class NATSSubscription(Subscription):
             self._ready.extendleft(reversed(msgs))  # still this consumer's: kept for later
             raise
 
-    async def _wait(self, done: Any) -> None:
+    async def _wait(self, done: Any, wait_s: float | None = None) -> None:
+        limit = IDLE_WAKE_S if wait_s is None else min(wait_s, IDLE_WAKE_S)
         try:
-            async with asyncio.timeout(IDLE_WAKE_S):
+            async with asyncio.timeout(limit):
                 while not done():
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
+            if limit < IDLE_WAKE_S:  # the caller's bound (a pull's wait): the request lives on
+                return
             # No end came: a reconnect dropped the request, or there is no consumer to answer
             # (a pull to a missing consumer gets no reply at all). Pull anew, declaring first.
             if self._open:

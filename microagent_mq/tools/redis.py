@@ -224,7 +224,9 @@ class RedisBroker(AbstractQueueBroker):
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         queue = consumer.queue.name
         visibility = consumer.config.visibility_timeout or DEFAULT_VISIBILITY_S
-        subscription = RedisSubscription(self, queue, float(visibility))
+        # A pull session names its own group member (pull.py): closing one must not
+        # touch the pending entries of another consumer of this broker.
+        subscription = RedisSubscription(self, queue, float(visibility), getattr(consumer, 'member', None))
         async with self.guard():
             await subscription.create_group()
         self._delayed_watch.add(queue)

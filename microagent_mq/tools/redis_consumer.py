@@ -37,11 +37,12 @@ class RedisSubscription(Subscription):
     its hold on them (it renews every third of that while alive).
     """
 
-    def __init__(self, broker: 'RedisBroker', queue: str, visibility_s: float) -> None:
+    def __init__(self, broker: 'RedisBroker', queue: str, visibility_s: float,
+                 member: str | None = None) -> None:
         self._broker = broker
         self._queue = queue
         self._stream = broker.stream_key(queue)
-        self._name = broker.uid
+        self._name = member or broker.uid  # the consumer's name in the group
         self._visibility_ms = int(visibility_s * 1000)
         self._claim_every = min(visibility_s / 4, 10.0)
         self._next_claim = 0.0  # claim first: messages released or abandoned earlier
@@ -67,7 +68,7 @@ class RedisSubscription(Subscription):
             if 'BUSYGROUP' not in str(exc):
                 raise
 
-    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+    async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
         if self._stopping:
             return []
         self._heartbeat.start()
@@ -80,7 +81,7 @@ class RedisSubscription(Subscription):
             self._ack_timer.cancel()
             self._ack_timer = None
         try:
-            reply = await self._read(acks, max_count)
+            reply = await self._read(acks, max_count, _block_ms(wait_s))
         except BaseException as exc:
             # Acking twice is harmless; not acking would redeliver. A read whose reply is
             # lost leaves entries pending here: close() releases them.
@@ -97,17 +98,17 @@ class RedisSubscription(Subscription):
             return []
         return await self._deliveries(reply[0][1])
 
-    async def _read(self, acks: list[bytes], max_count: int) -> Any:
+    async def _read(self, acks: list[bytes], max_count: int, block: int | None = BLOCK_MS) -> Any:
         client = self._broker.client
         if not acks:
             return await client.xreadgroup(GROUP, self._name, {self._stream: '>'},
-                                           count=max_count, block=BLOCK_MS)
+                                           count=max_count, block=block)
         # The acks of the last batch ride along with the next read: one round trip for both.
         async with client.pipeline(transaction=False) as pipe:
             pipe.xack(self._stream, GROUP, *acks)
             pipe.xdel(self._stream, *acks)
             pipe.xreadgroup(GROUP, self._name, {self._stream: '>'}, count=max_count,
-                            block=BLOCK_MS)
+                            block=block)
             return (await pipe.execute())[-1]
 
     async def _deliveries(self, entries: Iterable[tuple[bytes, Any]],
@@ -296,3 +297,11 @@ class RedisSubscription(Subscription):
                                   len(orphans), self._queue)
         if not mine:  # forget this consumer; one with pending messages must stay
             await client.xgroup_delconsumer(self._stream, GROUP, self._name)
+
+
+def _block_ms(wait_s: float | None) -> int | None:
+    """XREADGROUP's BLOCK for a fetch waiting ``wait_s``: None sends no BLOCK (0 = forever)."""
+    if wait_s is None:
+        return BLOCK_MS
+    block = min(int(wait_s * 1000), BLOCK_MS)
+    return block if block > 0 else None
