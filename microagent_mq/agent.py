@@ -177,7 +177,12 @@ class MicroAgent:
             await self._stop_consumers(0)
             raise
         self.log.info('%s started with %d consumer(s)', type(self).__name__, len(self._consumers))
-        await self._run_hooks('post_start')
+        try:
+            await self._run_hooks('post_start')
+        except BaseException:
+            # start() failed: nobody will stop this agent, so its consumers must not run on.
+            await self._stop_consumers(0)
+            raise
 
     def _consumer(self, group: QueueGroup) -> Consumer:
         queue = group.declare()
@@ -195,7 +200,10 @@ class MicroAgent:
         await self._run_hooks('pre_stop')
         await self._stop_consumers(grace)
         broker = self.broker
-        if broker is not None and not broker._bindings and not self._borrowed_broker:
+        # Only when no other agent still uses it: no binding left, no stop under way (its
+        # handlers would lose their connection and their messages be charged an attempt).
+        if (broker is not None and not broker._bindings and not broker._stopping
+                and not self._borrowed_broker):
             await broker.close()
         self.log.info('%s stopped', type(self).__name__)
 

@@ -114,14 +114,7 @@ async def test_review_idempotent_consumer_handles_two_equal_foreign_messages(
     assert calls.items == [{'n': 1}, {'n': 1}]
 
 
-SHARED_STOP = ('agent.py:192 an agent that stops closes the broker once broker._bindings is empty, '
-               'but broker.py:139 empties a binding when another agent\'s stop BEGINS: the connection '
-               'closes under that agent\'s running handler and buffer, so its ack and releases fail and '
-               'RabbitMQ redelivers them as crashes (charged an attempt; here dead-lettered)')
-
-
-@pytest.mark.xfail(strict=True, reason=SHARED_STOP)
-async def test_review_two_agents_stopping_together_charge_no_attempt(
+async def test_two_agents_stopping_together_charge_no_attempt(
         amqp_factory: Callable[[], AbstractQueueBroker]) -> None:
     first = amqp_factory()
     quick, slow_queue, later = Queue(unique()), Queue(unique()), Calls()
