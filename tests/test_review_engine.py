@@ -360,6 +360,36 @@ async def test_unhashable_type_header_is_dead_lettered_not_lost() -> None:
         await agent.stop(grace=1)
 
 
+async def test_a_buffer_left_by_a_failed_dispatch_is_handled_without_a_new_fetch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from microagent_mq.engine import ConsumerRunner
+
+    broker, queue, calls = memory(), Queue(unique()), Calls()
+    process, failed = ConsumerRunner._process, [False]
+
+    async def fails_once(runner: ConsumerRunner, delivery: Delivery) -> Any:
+        if not failed[0]:  # something unforeseen escapes the dispatch, once
+            failed[0] = True
+            raise RuntimeError('unforeseen')
+        return await process(runner, delivery)
+
+    monkeypatch.setattr(ConsumerRunner, '_process', fails_once)
+
+    class Agent(MicroAgent):
+        @consumer(queue)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n})
+
+    await broker.send_many(queue.name, [{'n': 1}, {'n': 2}])  # fetched in one batch
+    agent = Agent(broker=broker)
+    await agent.start()
+    try:
+        # The queue is empty now: message 2 waits in the buffer, and no fetch will return.
+        assert await calls.wait_for(1, timeout_s=5) == [{'n': 2}]
+    finally:
+        await agent.stop(grace=1)
+
+
 @pytest.mark.xfail(strict=True, reason='broker.py send_many passes message_id= to every message of a batch: '
                                        'they share one id, and an idempotent consumer handles only the first '
                                        '(the rest are acked as duplicates)')
