@@ -61,6 +61,7 @@ class AbstractQueueBroker(ABC):
         # Runners whose stop began and has not completed: an agent must not close the broker
         # under them (their handlers still ack, their buffers are still being released).
         self._stopping: dict[str, ConsumerRunner] = {}
+        self._forgetting: set[asyncio.Future[None]] = set()
         self._binding = asyncio.Lock()  # two binds of one queue at once must start one runner
         _live.add(self)
         # Message ids: random per broker, then a counter; unique without a uuid per message.
@@ -177,11 +178,25 @@ class AbstractQueueBroker(ABC):
         try:
             await runner.stop(grace)
         finally:
-            if self._stopping.get(name) is runner:
-                del self._stopping[name]
-            if consumer is not None and self._bindings.get(name) is consumer:
-                del self._bindings[name]
+            if runner.closed:
+                self._stop_done(name, runner, consumer)
+            else:  # stopped by its own handler, which settles its message after this, on the
+                # runner's subscription: the stop is over only once that is closed
+                forget = asyncio.ensure_future(self._forget_when_closed(name, runner, consumer))
+                self._forgetting.add(forget)
+                forget.add_done_callback(self._forgetting.discard)
         self.log.info('Stopped consuming %s', name)
+
+    async def _forget_when_closed(self, name: str, runner: ConsumerRunner, consumer: Consumer | None) -> None:
+        await runner.wait_closed()
+        self._stop_done(name, runner, consumer)
+
+    def _stop_done(self, name: str, runner: ConsumerRunner, consumer: Consumer | None) -> None:
+        """A stop of ``name`` completed: its runner and binding leave (unless replaced)."""
+        if self._stopping.get(name) is runner:
+            del self._stopping[name]
+        if consumer is not None and self._bindings.get(name) is consumer:
+            del self._bindings[name]
 
     async def queue_length(self, name: str, **options: Any) -> int:
         """Messages waiting in queue ``name`` (not those being handled, nor delayed)."""

@@ -28,6 +28,12 @@ _handling: contextvars.ContextVar[tuple['ConsumerRunner', asyncio.Task[Any]] | N
     contextvars.ContextVar('microagent_mq_handling', default=None)
 
 
+def handling_runner() -> 'ConsumerRunner | None':
+    """The runner whose handler runs in this context (None outside handlers)."""
+    handling = _handling.get()
+    return handling[0] if handling is not None else None
+
+
 class ConsumerRunner:
     """Feeds one consumer from its subscription, with bounded concurrency and a graceful stop."""
 
@@ -57,6 +63,7 @@ class ConsumerRunner:
         self._loop_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        self._closed = asyncio.Event()  # the subscription is closed: nothing more to settle
         self._deadlines = Deadlines(consumer.timeout)
         self._idempotency = idempotency  # None unless the consumer is idempotent=True
         # Without middlewares a message costs nothing more: no MessageInfo, no hook call.
@@ -71,6 +78,15 @@ class ConsumerRunner:
     def stopping(self) -> bool:
         """True once a stop began."""
         return self._stopping
+
+    @property
+    def closed(self) -> bool:
+        """True once the stop closed the subscription (later than the stop for a self-stop)."""
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the subscription is closed."""
+        await self._closed.wait()
 
     @property
     def running(self) -> bool:
@@ -163,9 +179,12 @@ class ConsumerRunner:
         self._closing = asyncio.ensure_future(self._close_subscription())
 
     async def _close_subscription(self) -> None:
-        await self._settle(self._sub.close)
-        if self._idempotency is not None:
-            await self._idempotency.close()
+        try:
+            await self._settle(self._sub.close)
+            if self._idempotency is not None:
+                await self._idempotency.close()
+        finally:
+            self._closed.set()
 
     async def _supervise(self) -> None:
         # The fetch loop must never die silently: whatever escapes it is logged and the
