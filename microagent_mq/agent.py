@@ -11,6 +11,7 @@ from .agent_queues import DEFAULT_TIMEOUT_S, QueueGroup, group_specs
 from .broker import AbstractQueueBroker
 from .consumer import Consumer, Route
 from .default_broker import default_broker_or_none
+from .engine import ConsumerRunner, handling_runner
 from .exceptions import ConfigurationError
 from .handling import check_dto_parameter
 from .messages import is_message_class, routing_of
@@ -157,6 +158,7 @@ class MicroAgent:
         self.settings = settings or {}
         self._consumers: list[Consumer] = []
         self._borrowed_broker = False
+        self._closing: asyncio.Task[None] | None = None  # a close after a handler's self-stop
 
     async def start(self) -> None:
         """Run ``pre_start`` hooks, start every consumer, run ``post_start`` hooks."""
@@ -177,7 +179,12 @@ class MicroAgent:
             await self._stop_consumers(0)
             raise
         self.log.info('%s started with %d consumer(s)', type(self).__name__, len(self._consumers))
-        await self._run_hooks('post_start')
+        try:
+            await self._run_hooks('post_start')
+        except BaseException:
+            # start() failed: nobody will stop this agent, so its consumers must not run on.
+            await self._stop_consumers(0)
+            raise
 
     def _consumer(self, group: QueueGroup) -> Consumer:
         queue = group.declare()
@@ -193,18 +200,33 @@ class MicroAgent:
     async def stop(self, grace: float | None = None) -> None:
         """Run ``pre_stop`` hooks, stop consuming (running handlers may finish), close."""
         await self._run_hooks('pre_stop')
-        await self._stop_consumers(grace)
+        stopped = await self._stop_consumers(grace)
         broker = self.broker
-        if broker is not None and not broker._bindings and not self._borrowed_broker:
-            await broker.close()
+        if broker is not None and not self._borrowed_broker:
+            runner = handling_runner()
+            if runner is not None and any(runner.consumer is c for c in stopped):
+                # One of our handlers stopped us: it settles its message after this returns,
+                # on the broker's connection. Closed once that runner closed its subscription.
+                self._closing = asyncio.create_task(self._close_after(broker, runner))
+            elif not broker._bindings and not broker._stopping:  # nobody else uses it
+                await broker.close()
         self.log.info('%s stopped', type(self).__name__)
 
-    async def _stop_consumers(self, grace: float | None) -> None:
+    @staticmethod
+    async def _close_after(broker: AbstractQueueBroker, runner: ConsumerRunner) -> None:
+        await runner.wait_closed()
+        # Only when no other agent still uses it: no binding left, no stop under way (its
+        # handlers would lose their connection and their messages be charged an attempt).
+        if not broker._bindings and all(r.closed for r in broker._stopping.values()):
+            await broker.close()
+
+    async def _stop_consumers(self, grace: float | None) -> list[Consumer]:
         consumers, self._consumers = self._consumers, []
         if self.broker is not None:
             await asyncio.gather(*(self.broker.unbind(c.queue.name, grace) for c in consumers))
         for stopped in consumers:
             stopped.close()
+        return consumers
 
     async def _run_hooks(self, event: HookName) -> None:
         for attr in self._hooks.get(event, ()):

@@ -59,6 +59,10 @@ class AbstractQueueBroker(ABC):
 
     def __post_init__(self) -> None:
         self._runners: dict[str, ConsumerRunner] = {}
+        # Runners whose stop began and has not completed: an agent must not close the broker
+        # under them (their handlers still ack, their buffers are still being released).
+        self._stopping: dict[str, ConsumerRunner] = {}
+        self._forgetting: set[asyncio.Future[None]] = set()
         self._binding = asyncio.Lock()  # two binds of one queue at once must start one runner
         _live.add(self)
         # Message ids: random per broker, then a counter; unique without a uuid per message.
@@ -175,8 +179,20 @@ class AbstractQueueBroker(ABC):
                 return
             guard = Idempotency(consumer, self, self.log) if consumer.config.idempotent else None
             middlewares = [*self.middlewares, *getattr(consumer.agent, 'middlewares', ())]
-            runner = ConsumerRunner(consumer, await self._subscribe(consumer), self.log, guard,
-                                    middlewares)
+            subscription = await self._subscribe(consumer)
+            if self._bindings.get(name) is not consumer:
+                # Unbound (or the broker closed) while subscribing: nobody will stop a runner
+                # started now, so the subscription is closed instead of consumed.
+                try:
+                    await subscription.close()
+                    if guard is not None:
+                        await guard.close()
+                except Exception:
+                    self.log.warning('Closing the unwanted subscription to %s failed', name,
+                                     exc_info=True)
+                self.log.info('Not consuming %s: unbound while binding', name)
+                return
+            runner = ConsumerRunner(consumer, subscription, self.log, guard, middlewares)
             self._runners[name] = runner
             runner.start()
         self.log.info('Consuming %s with %s', name, consumer.name)
@@ -197,10 +213,37 @@ class AbstractQueueBroker(ABC):
     async def unbind(self, name: str, grace: float | None = None) -> None:
         """Stop reading queue ``name``: running handlers get ``grace`` seconds to finish."""
         runner = self._runners.pop(name, None)
-        self._bindings.pop(name, None)
-        if runner is not None:
+        if runner is None:
+            runner = self._stopping.get(name)  # stopping already: wait for that stop too
+        consumer = self._bindings.get(name)
+        if runner is None:  # not consuming, or a bind in progress: that bind sees it and gives up
+            self._bindings.pop(name, None)
+            return
+        # The binding and the runner leave only once the stop completed: until then an agent
+        # stopping with us must not take the broker for unused and close it under our handlers.
+        self._stopping[name] = runner
+        try:
             await runner.stop(grace)
-            self.log.info('Stopped consuming %s', name)
+        finally:
+            if runner.closed:
+                self._stop_done(name, runner, consumer)
+            else:  # stopped by its own handler, which settles its message after this, on the
+                # runner's subscription: the stop is over only once that is closed
+                forget = asyncio.ensure_future(self._forget_when_closed(name, runner, consumer))
+                self._forgetting.add(forget)
+                forget.add_done_callback(self._forgetting.discard)
+        self.log.info('Stopped consuming %s', name)
+
+    async def _forget_when_closed(self, name: str, runner: ConsumerRunner, consumer: Consumer | None) -> None:
+        await runner.wait_closed()
+        self._stop_done(name, runner, consumer)
+
+    def _stop_done(self, name: str, runner: ConsumerRunner, consumer: Consumer | None) -> None:
+        """A stop of ``name`` completed: its runner and binding leave (unless replaced)."""
+        if self._stopping.get(name) is runner:
+            del self._stopping[name]
+        if consumer is not None and self._bindings.get(name) is consumer:
+            del self._bindings[name]
 
     async def queue_length(self, name: str, **options: Any) -> int:
         """Messages waiting in queue ``name`` (not those being handled, nor delayed)."""
@@ -265,7 +308,10 @@ class AbstractQueueBroker(ABC):
                     await closer()
                 except Exception:
                     self.log.exception('Closing %r failed', closer)
-            results = await asyncio.gather(*(self.unbind(name, grace) for name in list(self._runners)),
+            # Also the bindings (a bind in progress gives up) and the stops already under way
+            # (closed under them, their handlers' acks and releases would fail).
+            names = {*self._runners, *self._bindings, *self._stopping}
+            results = await asyncio.gather(*(self.unbind(name, grace) for name in sorted(names)),
                                            return_exceptions=True)
             for result in results:
                 if isinstance(result, Exception):

@@ -1,6 +1,7 @@
 """The delivery engine: fetch, decode, run the handler under its timeout, settle. Written once."""
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -21,6 +22,17 @@ CANCEL_WAIT_S = 5.0  # how long stop() waits for cancelled tasks to end
 FETCH_RETURN_S = 2.0
 LOOP_RESTART_S = 1.0  # a fetch loop that failed unexpectedly starts again after this
 
+# The runner and task of the handler running in this context: a stop called from a handler
+# (even through tasks it made, as asyncio.gather's) knows it must not wait for that task.
+_handling: contextvars.ContextVar[tuple['ConsumerRunner', asyncio.Task[Any]] | None] = \
+    contextvars.ContextVar('microagent_mq_handling', default=None)
+
+
+def handling_runner() -> 'ConsumerRunner | None':
+    """The runner whose handler runs in this context (None outside handlers)."""
+    handling = _handling.get()
+    return handling[0] if handling is not None else None
+
 
 class ConsumerRunner:
     """Feeds one consumer from its subscription, with bounded concurrency and a graceful stop."""
@@ -40,12 +52,18 @@ class ConsumerRunner:
         self._renew_after = config.visibility(consumer.timeout) - consumer.timeout
         self._slots = asyncio.Semaphore(config.concurrency)
         self._buffer: deque[Delivery] = deque()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Handler tasks and their messages; a dict keeps them in fetch order (see ``_stop``).
+        self._tasks: dict[asyncio.Task[Any], Delivery] = {}
         self._room = asyncio.Event()
         self._stopping = False
-        self._in_handler = False
+        self._inline: Delivery | None = None  # the message the loop task is handling in line
+        # Messages of handlers the stop cancelled: the stop releases them, with the buffer.
+        self._cancelled: list[Delivery] = []
+        self._released = False  # the stop released what it holds: later ones release themselves
         self._loop_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._closed = asyncio.Event()  # the subscription is closed: nothing more to settle
         self._deadlines = Deadlines(consumer.timeout)
         self._idempotency = idempotency  # None unless the consumer is idempotent=True
         # Without middlewares a message costs nothing more: no MessageInfo, no hook call.
@@ -55,6 +73,20 @@ class ConsumerRunner:
     def start(self) -> None:
         """Start fetching in a task owned by this runner."""
         self._loop_task = asyncio.create_task(self._supervise(), name=f'consume:{self._queue}')
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop began."""
+        return self._stopping
+
+    @property
+    def closed(self) -> bool:
+        """True once the stop closed the subscription (later than the stop for a self-stop)."""
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the subscription is closed."""
+        await self._closed.wait()
 
     @property
     def running(self) -> bool:
@@ -68,7 +100,13 @@ class ConsumerRunner:
         released, a subscription never closed) is worse than a late one.
         """
         if self._stop_task is None:
-            self._stop_task = asyncio.create_task(self._stop(grace), name=f'stop:{self._queue}')
+            # A handler of this runner stopping its own agent: the stop must neither wait for
+            # it (it waits for the stop: stuck for the whole grace) nor cancel it (its message,
+            # handled, would be given back and delivered again).
+            # Not asyncio.current_task(): the stop may come through a task the handler made.
+            handling = _handling.get()
+            own = handling[1] if handling is not None and handling[0] is self else None
+            self._stop_task = asyncio.create_task(self._stop(grace, own), name=f'stop:{self._queue}')
         task = self._stop_task
         try:
             await asyncio.shield(task)
@@ -77,7 +115,7 @@ class ConsumerRunner:
                 await asyncio.wait({task})
             raise
 
-    async def _stop(self, grace: float | None) -> None:
+    async def _stop(self, grace: float | None, own: asyncio.Task[Any] | None = None) -> None:
         grace = self._config.stop_grace if grace is None else grace
         self._stopping = True
         self._room.set()
@@ -88,11 +126,16 @@ class ConsumerRunner:
         except Exception:
             self.log.warning('Could not stop fetching from %s cleanly', self._queue, exc_info=True)
         loop_task = self._loop_task
-        inline = self._in_handler  # the loop task itself is running a handler
+        inline = self._inline is not None  # the loop task itself is running a handler
+        # Every message held by a handler, in fetch order (all fetched before the buffer's).
+        held = [self._inline] if self._inline is not None else list(self._tasks.values())
         handlers = {*self._tasks, *([loop_task] if loop_task and inline else [])}
         fetch = {loop_task} if loop_task is not None and not inline else set()
+        if own is not None:
+            handlers.discard(own)
+            fetch.discard(own)
         began = asyncio.get_running_loop().time()
-        late: set[asyncio.Task[None]] = set()
+        late: set[asyncio.Task[Any]] = set()
         if handlers:
             _, late = await asyncio.wait(handlers, timeout=grace)
             for task in late:
@@ -115,13 +158,33 @@ class ConsumerRunner:
                 self.log.error('%d task(s) of %s ignored cancellation; left behind',
                                len(stuck), self._queue)
         self._deadlines.close()
-        if self._buffer:  # fetched, never handed to a handler: back, in order, no attempt
-            unhandled = list(self._buffer)
-            self._buffer.clear()
+        # The messages of the handlers cancelled above and the buffer go back together, in
+        # fetch order, in one call: released apart, the cancelled ones would go behind the
+        # buffer's (each release puts its messages at the head of the queue).
+        order = {id(d): i for i, d in enumerate(held)}
+        unhandled = sorted(self._cancelled, key=lambda d: order.get(id(d), -1)) + list(self._buffer)
+        self._cancelled.clear()
+        self._buffer.clear()
+        self._released = True
+        if unhandled:  # no attempt charged: not their fault
             await self._settle(self._sub.release, unhandled)
-        await self._settle(self._sub.close)
-        if self._idempotency is not None:
-            await self._idempotency.close()
+        if own is None:
+            await self._close_subscription()
+        else:
+            # The handler that stopped us settles its message on this subscription once it
+            # returns (after this stop): close it only then.
+            own.add_done_callback(self._close_later)
+
+    def _close_later(self, task: asyncio.Task[Any]) -> None:
+        self._closing = asyncio.ensure_future(self._close_subscription())
+
+    async def _close_subscription(self) -> None:
+        try:
+            await self._settle(self._sub.close)
+            if self._idempotency is not None:
+                await self._idempotency.close()
+        finally:
+            self._closed.set()
 
     async def _supervise(self) -> None:
         # The fetch loop must never die silently: whatever escapes it is logged and the
@@ -137,6 +200,11 @@ class ConsumerRunner:
     async def _run(self) -> None:
         failures = 0
         while not self._stopping:
+            if self._buffer:
+                # Left by a dispatch that failed: handed out first, not kept waiting until a
+                # fetch returns something (it may wait for a long while on a quiet queue).
+                await self._dispatch()
+                continue
             free = self._capacity - len(self._tasks)
             if free <= 0:
                 self._room.clear()
@@ -164,23 +232,24 @@ class ConsumerRunner:
         if self._config.concurrency == 1:
             # In line, no task per message: one at a time keeps FIFO order and is cheapest.
             while buffer and not self._stopping:
-                self._in_handler = True
+                self._inline = delivery = buffer.popleft()
                 try:
-                    await self._handle(buffer.popleft())
+                    await self._handle(delivery)
                 finally:
-                    self._in_handler = False
+                    self._inline = None
             return
         while buffer and not self._stopping:
             await self._slots.acquire()
             if self._stopping:
                 self._slots.release()
                 return
-            task = asyncio.create_task(self._handle(buffer.popleft()))
-            self._tasks.add(task)
+            delivery = buffer.popleft()
+            task = asyncio.create_task(self._handle(delivery))
+            self._tasks[task] = delivery
             task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         self._slots.release()
         self._room.set()
 
@@ -206,6 +275,10 @@ class ConsumerRunner:
             kwargs = consumer.arguments(delivery)
         except PoisonMessage as exc:
             return await self._dead_letter(delivery, f'poison message: {exc}')
+        except Exception as exc:
+            # Any other failure to read it (a foreign header of an unexpected type, say) is
+            # poison too: escaping, it would kill the fetch loop and leave the message unsettled.
+            return await self._dead_letter(delivery, f'poison message: {type(exc).__name__}: {exc}')
         if delivery.attempt > self._config.max_attempts:
             return await self._dead_letter(delivery, 'delivered more than max_attempts times '
                                            '(its consumers died while handling it)')
@@ -217,10 +290,12 @@ class ConsumerRunner:
         outcome: BaseException | None = None
         result: object = None
         self._deadlines.start(task)
+        token = _handling.set((self, task))
         try:
             result = await consumer.handler(**kwargs)
         except BaseException as exc:  # judged below, in one place
             outcome = exc
+        _handling.reset(token)
         if self._deadlines.finish(task):
             return await self._failed(delivery, f'timed out after {consumer.timeout}s')
         elif outcome is None:
@@ -246,8 +321,12 @@ class ConsumerRunner:
             return await self._failed(delivery, 'CancelledError raised by the handler')
         elif isinstance(outcome, asyncio.CancelledError):
             # Cancelled from outside (a stop past its grace, the loop shutting down): not the
-            # message's fault, so it goes back without costing an attempt.
-            await self._settle(self._sub.release, [delivery])
+            # message's fault, so it goes back without costing an attempt. During a stop, the
+            # stop releases it with the buffer, in fetch order.
+            if self._stopping and not self._released:
+                self._cancelled.append(delivery)
+            else:
+                await self._settle(self._sub.release, [delivery])
             raise outcome
         else:  # KeyboardInterrupt, SystemExit...: the message failed; the process exits as asked
             self.log.error('Handler %s raised %s on message %s (attempt %d)', consumer.name,
