@@ -99,10 +99,7 @@ async def test_review_sync_handler_queued_behind_a_stuck_thread_is_charged_witho
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='memory.py:95 requeue_dead_letters rebuilds the Delivery without '
-                                       'headers: a typed message loses mq-type and is dead-lettered again '
-                                       'as "message without a type"')
-async def test_review_requeued_dead_letter_keeps_its_type() -> None:
+async def test_requeued_dead_letter_keeps_its_type() -> None:
     broker, name, calls = memory(), unique('tasks'), Calls()
     rejected = [False]
 
@@ -143,9 +140,7 @@ async def test_review_requeued_dead_letter_keeps_its_type() -> None:
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='memory.py:77 stores the sender\'s headers dict by reference: '
-                                       'changing it after send() changes the queued message')
-async def test_review_memory_send_copies_the_headers() -> None:
+async def test_memory_send_copies_the_headers() -> None:
     broker, queue, seen = memory(), Queue(unique()), Calls()
     headers = {'tenant': 'a'}
     await broker.send(queue.name, {'n': 1}, headers=headers)
@@ -293,10 +288,7 @@ async def test_review_failed_start_leaves_no_consumer_running() -> None:
         await broker.close(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='testing/virtual.py:183 TestBroker.requeue_dead_letters drops the '
-                                       'headers too (a copy of memory.py\'s): a typed message comes back '
-                                       'without its type and is dead-lettered again')
-async def test_review_test_broker_requeue_keeps_the_type() -> None:
+async def test_test_broker_requeue_keeps_the_type() -> None:
     from microagent_mq.testing import TestBroker
 
     broker, name, calls = TestBroker(), unique('tasks'), Calls()
