@@ -166,3 +166,102 @@ async def test_idempotency_ignores_an_id_the_transport_made_up() -> None:
     assert await guard.seen(own)
     assert not await guard.seen(made_up)  # nor looked up
     await guard.close()
+
+
+class _AsyncCall:
+    """A handler object whose ``__call__`` is ``async def`` (a plain ``def`` it is not)."""
+
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
+
+    async def __call__(self, n: int) -> None:
+        self.calls.add({'n': n})
+
+
+async def test_a_handler_object_with_an_async_call_is_awaited_on_the_loop() -> None:
+    from microagent_mq.tools.memory import MemoryBroker
+
+    broker, queue, calls = MemoryBroker(f'memory://{unique("fix")}'), Queue(unique()), Calls()
+
+    class Agent(MicroAgent):
+        handle = consumer(queue, max_attempts=1)(_AsyncCall(calls))
+
+    agent = Agent(broker=broker)
+    await agent.start()
+    try:
+        await broker.send(queue.name, {'n': 1})
+
+        async def settled() -> bool:
+            return bool(calls.items or await broker.dead_letters(queue.name))
+
+        await wait_until(settled, timeout_s=5, what='the handler run or the message kept')
+        assert calls.items == [{'n': 1}]
+    finally:
+        await agent.stop(grace=1)
+
+
+async def test_a_sync_callable_returning_a_coroutine_is_awaited_not_dropped() -> None:
+    """No ``__wrapped__`` to tell: run in a thread, its coroutine is then awaited on the loop."""
+    from microagent_mq.tools.memory import MemoryBroker
+
+    broker, queue, calls = MemoryBroker(f'memory://{unique("fix")}'), Queue(unique()), Calls()
+
+    async def work(n: int) -> None:
+        calls.add({'n': n})
+
+    class Agent(MicroAgent):
+        @consumer(queue, max_attempts=1)
+        def handle(self, n: int) -> Any:
+            return work(n)  # a hand-made wrapper: returns the coroutine, keeps no __wrapped__
+
+    agent = Agent(broker=broker)
+    await agent.start()
+    try:
+        await broker.send(queue.name, {'n': 1})
+
+        async def settled() -> bool:
+            return bool(calls.items or await broker.dead_letters(queue.name))
+
+        await wait_until(settled, timeout_s=5, what='the coroutine awaited or the message kept')
+        assert calls.items == [{'n': 1}]
+        assert await broker.dead_letters(queue.name) == []
+    finally:
+        await agent.stop(grace=1)
+
+
+async def test_sync_handlers_behind_stuck_threads_run_with_concurrency_two() -> None:
+    """Two calls stuck past their timeout: the next ones still get threads, none charged unrun."""
+    import threading
+
+    from microagent_mq.tools.memory import MemoryBroker
+
+    broker, queue = MemoryBroker(f'memory://{unique("fix")}'), Queue(unique())
+    ran: list[int] = []
+    release = threading.Event()
+
+    class Agent(MicroAgent):
+        @consumer(queue, timeout=0.2, max_attempts=1, concurrency=2, **FAST)
+        def handle(self, n: int) -> None:
+            ran.append(n)
+            if n < 2:
+                release.wait(30)  # past its timeout: the thread runs on
+
+    agent = Agent(broker=broker)
+    await agent.start()
+    try:
+        await broker.send_many(queue.name, [{'n': i} for i in range(2)])
+        await wait_until(lambda: len(ran) == 2, what='both stuck calls running')
+        await wait_until(lambda: broker.dead_letters(queue.name), what='the stuck calls timed out')
+        await broker.send_many(queue.name, [{'n': i} for i in range(2, 6)])
+        await wait_until(lambda: set(range(2, 6)) <= set(ran), what='the later calls run')
+
+        async def two_dead() -> bool:
+            return len(await broker.dead_letters(queue.name)) >= 2
+
+        await wait_until(two_dead, what='both stuck calls dead-lettered')
+        assert await broker.queue_length(queue.name) == 0
+        dead = sorted(d.data['n'] for d in await broker.dead_letters(queue.name))
+        assert dead == [0, 1]  # only the calls that ran past their timeout
+    finally:
+        release.set()
+        await agent.stop(grace=1)

@@ -35,10 +35,7 @@ def sync_wrapper(function: Callable[..., Coroutine[Any, Any, None]]) -> Callable
     return wrapper
 
 
-@pytest.mark.xfail(strict=True, reason='handling.py:44 takes a sync callable returning a coroutine for a '
-                                       'sync handler: consumer.py runs it in a thread, drops the coroutine '
-                                       'unawaited and acks the message; the handler never runs')
-async def test_review_sync_wrapper_of_async_handler_loses_the_message() -> None:
+async def test_sync_wrapper_of_async_handler_runs_the_handler() -> None:
     broker, queue, calls = memory(), Queue(unique()), Calls()
 
     class Agent(MicroAgent):
@@ -60,11 +57,7 @@ async def test_review_sync_wrapper_of_async_handler_loses_the_message() -> None:
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='consumer.py:155 a sync handler whose pool thread is still held by '
-                                       'a timed-out call waits in the pool queue under its own deadline: '
-                                       'the message times out and is charged (here dead-lettered) though '
-                                       'its handler never ran')
-async def test_review_sync_handler_queued_behind_a_stuck_thread_is_charged_without_running() -> None:
+async def test_sync_handler_behind_a_stuck_thread_is_not_charged_without_running() -> None:
     broker, queue = memory(), Queue(unique())
     ran: list[int] = []
     release = threading.Event()
