@@ -19,7 +19,7 @@ from .dsn import mask_dsn
 from .engine import ConsumerRunner
 from .exceptions import ConfigurationError, QueueException, QueueNotFound, SerializingError
 from .idempotency import Idempotency
-from .messages import check_headers, publication_of, publications
+from .messages import check_headers, is_message_class, publication_of, publications
 from .middleware.base import Middleware, before_send
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
@@ -98,6 +98,9 @@ class AbstractQueueBroker(ABC):
     async def send_many(self, name: str, messages: Iterable[Message],
                         headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Write several messages in one go, with the same guarantees as ``send``."""
+        if 'message_id' in kwargs:  # one id for several messages: the receivers keep only one
+            raise ConfigurationError('send_many() takes no message_id= (it would give every message '
+                                     'of the batch the same id): send() each message with its own')
         batch = [self._outgoing(name, self._encode(name, m), kwargs) for m in messages]
         if headers is not None:
             checked = check_headers(headers)
@@ -401,7 +404,12 @@ class AbstractQueueBroker(ABC):
 
     def _typed_outgoing(self, message: 'TypedMessage', delay: float | None,
                         headers: dict[str, Any] | None) -> Outgoing:
-        how = publications.get(type(message)) or publication_of(type(message))
+        how = publications.get(type(message))
+        if how is None:
+            if not is_message_class(type(message)):
+                raise ConfigurationError(f'publish() takes a Message instance, and {type(message).__name__} '
+                                         f'is not a Message: send(queue, data) sends a dict')
+            how = publication_of(type(message))
         body = how.encode(message)
         options = _NO_OPTIONS
         if delay or how.topic:

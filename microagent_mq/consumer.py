@@ -10,9 +10,10 @@ dispatcher that runs it.
 import asyncio
 import contextvars
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,7 @@ class Consumer:
         self.counts = {'filtered': 0, 'ignored': 0}
         self._name = '+'.join(r.name for r in self.routes)
         self._pool: ThreadPoolExecutor | None = None
+        self._held: set[Future[Any]] = set()  # calls abandoned in their threads, still running
         first = self.routes[0]
         self._by_type = {r.type_name: r for r in self.routes if r.typed}
         # Without a type header: the one route of the queue (a foreign producer's JSON).
@@ -157,14 +159,36 @@ class Consumer:
             raise verdict from exc
 
     async def _run_in_thread(self, function: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-        # A thread cannot be stopped: on timeout the engine moves on and the thread runs on,
-        # holding one of the pool's ``concurrency`` threads until it returns.
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.config.concurrency,
-                                            thread_name_prefix=f'mq-{self.queue.name}')
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(self.config.concurrency,
+                                                   thread_name_prefix=f'mq-{self.queue.name}')
         context = contextvars.copy_context()  # the default broker override, among others
-        call = functools.partial(context.run, function, **kwargs)
-        await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        future = pool.submit(functools.partial(context.run, function, **kwargs))
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # timed out, or a stop past its grace
+            future.cancel()  # not started yet: it never will
+            if future.running():
+                self._abandon(pool, future)
+            raise
+        if inspect.isawaitable(result):
+            # A plain ``def`` that returned a coroutine (a wrapper not telling what it wraps):
+            # it is the handler's real work, done here on the loop, never dropped unawaited.
+            await result
+
+    def _abandon(self, pool: ThreadPoolExecutor, future: 'Future[Any]') -> None:
+        # A thread cannot be stopped: the engine moved on, the call runs on. Left in the pool,
+        # it would hold a thread that the next call then waits for under its own timeout,
+        # charged an attempt (or dead-lettered) without its handler ever running. So that pool
+        # takes no more calls (its threads end with their calls) and the next call gets a
+        # fresh one: a handler's timeout runs only while a thread runs it.
+        if self._pool is pool:
+            self._pool = None
+            pool.shutdown(wait=False)
+        self._held = {f for f in self._held if not f.done()} | {future}
+        log.warning('A call of %s timed out or was cancelled in its thread, which runs on; '
+                    '%d such thread(s) still running', self.name, len(self._held))
 
     def close(self) -> None:
         """Let the worker threads of sync handlers end (running ones finish on their own)."""

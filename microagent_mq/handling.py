@@ -41,7 +41,7 @@ class Route:
         self.message_class = message_class
         self.type_name = type_name_of(message_class) if self.typed and message_class else ''
         self.dto_key = (dto_name or 'dto') if message_class is not None else ''
-        self.sync = not inspect.iscoroutinefunction(handler)
+        self.sync = not is_async_callable(handler)
         if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
             raise ConfigurationError(f'{name}: a consumer must be a function, not a generator')
         signature = inspect.signature(handler)
@@ -143,6 +143,26 @@ class Route:
         if config.retry_on and not isinstance(exc, config.retry_on):
             return Reject(f'{type(exc).__name__}: {exc} (not in retry_on)')
         return None
+
+
+def is_async_callable(handler: Callable[..., Any]) -> bool:
+    """Whether calling ``handler`` gives a coroutine to await on the loop.
+
+    An ``async def``; one under decorators written as plain ``def`` that keep ``__wrapped__``
+    (``functools.wraps``): they return the coroutine of what they wrap, which a thread would
+    drop unawaited; an object whose ``__call__`` is ``async def``.
+    """
+    if inspect.iscoroutinefunction(handler):
+        return True
+    try:
+        target = inspect.unwrap(handler)
+    except ValueError:  # a __wrapped__ cycle: take it as it is
+        target = handler
+    if inspect.iscoroutinefunction(target):
+        return True
+    if inspect.isroutine(target) or isinstance(target, type):
+        return False
+    return callable(target) and inspect.iscoroutinefunction(type(target).__call__)
 
 
 def _info_parameter(handler: Callable[..., Any], signature: inspect.Signature) -> str:

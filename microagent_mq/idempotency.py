@@ -3,6 +3,8 @@
 Delivery is at least once (and an outbox relay may publish a row twice), so a consumer that must
 not act twice asks, before its handler runs, whether this message id was handled successfully
 within its window; the id is recorded only after the handler succeeded, before the ack.
+A message whose id the transport made up (``Delivery.synthetic_id``: a foreign producer set
+none) is always handled: that id does not say two messages are one.
 
 What remains: a process killed after the handler returned and before the record is written
 handles that message again. Two copies of one id handled at the same moment (concurrency > 1,
@@ -113,7 +115,10 @@ class Idempotency:
 
     async def seen(self, delivery: 'Delivery') -> bool:
         """True when this id was handled already: count it, the engine acks without handling."""
-        if not delivery.message_id:  # a foreign message without an id cannot be recognised
+        if not delivery.message_id or delivery.synthetic_id:
+            # A foreign message without an id cannot be recognised: an id the transport made
+            # up (a hash of the body, a stream sequence) is shared by equal messages or not
+            # kept across copies, so it would skip a message nobody handled.
             return False
         try:
             seen = await self._store.seen(self._queue, delivery.message_id)
@@ -130,7 +135,7 @@ class Idempotency:
 
     async def record(self, delivery: 'Delivery') -> None:
         """The handler succeeded: remember the id for the window (before the ack)."""
-        if not delivery.message_id:
+        if not delivery.message_id or delivery.synthetic_id:
             return
         try:
             await self._store.record(self._queue, delivery.message_id, self._window)

@@ -12,10 +12,12 @@ import orjson
 class Delivery:
     """A message fetched for a consumer, not yet settled."""
 
-    __slots__ = ('attempt', 'body', 'handle', 'headers', 'message_id', 'received_at', 'sent_at')
+    __slots__ = ('attempt', 'body', 'handle', 'headers', 'message_id', 'received_at', 'sent_at',
+                 'synthetic_id')
 
     def __init__(self, body: bytes, message_id: str, attempt: int = 1, handle: Any = None,
-                 headers: dict[str, Any] | None = None, sent_at: float = 0.0) -> None:
+                 headers: dict[str, Any] | None = None, sent_at: float = 0.0,
+                 synthetic_id: bool = False) -> None:
         self.body = body
         self.message_id = message_id
         self.attempt = attempt  # 1 for the first handling
@@ -24,6 +26,9 @@ class Delivery:
         self.headers = headers
         self.sent_at = sent_at  # epoch seconds set by the sender; 0.0 when unknown (foreign)
         self.received_at = time.monotonic()
+        # The transport made ``message_id`` up (a foreign message sent without one): it names
+        # this delivery, not what the sender meant, so two equal messages may share it.
+        self.synthetic_id = synthetic_id
 
     def __repr__(self) -> str:
         return f'<Delivery {self.message_id} attempt={self.attempt}>'
@@ -55,6 +60,10 @@ class DeadLetter:
     error: str
     attempts: int
     failed_at: float  # seconds since the epoch
+    # The sender's metadata (Delivery.headers) and stamp, handed back when requeued, so a
+    # typed message keeps its type. Transports that keep them on the wire may leave these empty.
+    headers: dict[str, Any] | None = None
+    sent_at: float = 0.0
 
     @property
     def data(self) -> Any:

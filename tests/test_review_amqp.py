@@ -76,13 +76,7 @@ async def test_review_graceful_stop_keeps_the_queue_order(
     assert [item['n'] for item in items] == list(range(1, 12))
 
 
-FOREIGN_IDS = ('tools/amqp_consumer.py:291 gives a foreign message without message_id the id '
-               'body-<hash of its body>, and idempotency.py:116 takes it for a sender\'s id: of two '
-               'equal messages (two "+1" events), the second is acked and never handled')
-
-
-@pytest.mark.xfail(strict=True, reason=FOREIGN_IDS)
-async def test_review_idempotent_consumer_handles_two_equal_foreign_messages(
+async def test_idempotent_consumer_handles_two_equal_foreign_messages(
         amqp_factory: Callable[[], AbstractQueueBroker]) -> None:
     import aio_pika
     import aiormq.channel

@@ -35,10 +35,7 @@ def sync_wrapper(function: Callable[..., Coroutine[Any, Any, None]]) -> Callable
     return wrapper
 
 
-@pytest.mark.xfail(strict=True, reason='handling.py:44 takes a sync callable returning a coroutine for a '
-                                       'sync handler: consumer.py runs it in a thread, drops the coroutine '
-                                       'unawaited and acks the message; the handler never runs')
-async def test_review_sync_wrapper_of_async_handler_loses_the_message() -> None:
+async def test_sync_wrapper_of_async_handler_runs_the_handler() -> None:
     broker, queue, calls = memory(), Queue(unique()), Calls()
 
     class Agent(MicroAgent):
@@ -60,11 +57,7 @@ async def test_review_sync_wrapper_of_async_handler_loses_the_message() -> None:
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='consumer.py:155 a sync handler whose pool thread is still held by '
-                                       'a timed-out call waits in the pool queue under its own deadline: '
-                                       'the message times out and is charged (here dead-lettered) though '
-                                       'its handler never ran')
-async def test_review_sync_handler_queued_behind_a_stuck_thread_is_charged_without_running() -> None:
+async def test_sync_handler_behind_a_stuck_thread_is_not_charged_without_running() -> None:
     broker, queue = memory(), Queue(unique())
     ran: list[int] = []
     release = threading.Event()
@@ -99,10 +92,7 @@ async def test_review_sync_handler_queued_behind_a_stuck_thread_is_charged_witho
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='memory.py:95 requeue_dead_letters rebuilds the Delivery without '
-                                       'headers: a typed message loses mq-type and is dead-lettered again '
-                                       'as "message without a type"')
-async def test_review_requeued_dead_letter_keeps_its_type() -> None:
+async def test_requeued_dead_letter_keeps_its_type() -> None:
     broker, name, calls = memory(), unique('tasks'), Calls()
     rejected = [False]
 
@@ -143,9 +133,7 @@ async def test_review_requeued_dead_letter_keeps_its_type() -> None:
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='memory.py:77 stores the sender\'s headers dict by reference: '
-                                       'changing it after send() changes the queued message')
-async def test_review_memory_send_copies_the_headers() -> None:
+async def test_memory_send_copies_the_headers() -> None:
     broker, queue, seen = memory(), Queue(unique()), Calls()
     headers = {'tenant': 'a'}
     await broker.send(queue.name, {'n': 1}, headers=headers)
@@ -283,10 +271,7 @@ async def test_failed_start_leaves_no_consumer_running() -> None:
         await broker.close(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='testing/virtual.py:183 TestBroker.requeue_dead_letters drops the '
-                                       'headers too (a copy of memory.py\'s): a typed message comes back '
-                                       'without its type and is dead-lettered again')
-async def test_review_test_broker_requeue_keeps_the_type() -> None:
+async def test_test_broker_requeue_keeps_the_type() -> None:
     from microagent_mq.testing import TestBroker
 
     broker, name, calls = TestBroker(), unique('tasks'), Calls()
@@ -390,36 +375,19 @@ async def test_a_buffer_left_by_a_failed_dispatch_is_handled_without_a_new_fetch
         await agent.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason='broker.py send_many passes message_id= to every message of a batch: '
-                                       'they share one id, and an idempotent consumer handles only the first '
-                                       '(the rest are acked as duplicates)')
-async def test_review_send_many_with_a_message_id_loses_no_message() -> None:
+async def test_send_many_refuses_a_message_id() -> None:
+    """One id for a whole batch would make an idempotent consumer keep only the first message."""
     from microagent_mq.exceptions import ConfigurationError
 
-    broker, queue, calls = memory(), Queue(unique()), Calls()
-
-    class Agent(MicroAgent):
-        @consumer(queue, idempotent=True)
-        async def handle(self, n: int) -> None:
-            calls.add({'n': n})
-
-    agent = Agent(broker=broker)
-    await agent.start()
-    try:
-        try:
-            await broker.send_many(queue.name, [{'n': 1}, {'n': 2}, {'n': 3}], message_id='order-7')
-        except ConfigurationError:
-            return  # refusing one id for several messages is a fix too
-        await calls.wait_for(3, timeout_s=5)
-        assert sorted(c['n'] for c in calls.items) == [1, 2, 3]
-    finally:
-        await agent.stop(grace=1)
+    broker, queue = memory(), Queue(unique())
+    with pytest.raises(ConfigurationError, match='message_id'):
+        await broker.send_many(queue.name, [{'n': 1}, {'n': 2}, {'n': 3}], message_id='order-7')
+    assert await broker.queue_length(queue.name) == 0  # refused as a whole, nothing half-sent
+    await broker.send_many(queue.name, [{'n': 1}, {'n': 2}])  # without it: sent, distinct ids
+    assert await broker.queue_length(queue.name) == 2
 
 
-@pytest.mark.xfail(strict=True, reason='broker.py publish() of a dict (send() confused with publish()) says '
-                                       '"message class dict has no route: declare it with queue=..." instead '
-                                       'of saying publish takes a Message instance')
-async def test_review_publish_of_a_dict_says_it_needs_a_message() -> None:
+async def test_publish_of_a_dict_says_it_needs_a_message() -> None:
     from microagent_mq.exceptions import ConfigurationError
 
     broker = memory()

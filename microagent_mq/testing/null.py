@@ -95,7 +95,8 @@ class NullBroker(AbstractQueueBroker):
             topic=outgoing.topic,
             data=orjson.loads(outgoing.body),
             message=message,
-            headers=outgoing.headers,
+            # A copy: the sender may reuse its dict for the next message.
+            headers=dict(outgoing.headers) if outgoing.headers is not None else None,
             delay=outgoing.delay,
             queues=outgoing.queues,
             message_id=outgoing.message_id,

@@ -158,7 +158,8 @@ class VirtualSubscription(Subscription):
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         self.queue.dead.append(DeadLetter(self.name, delivery.message_id, delivery.body, error,
-                                          delivery.attempt, now_s()))
+                                          delivery.attempt, now_s(), delivery.headers,
+                                          delivery.sent_at))
         self._activity.dead_lettered += 1
         self._settled(1)
 

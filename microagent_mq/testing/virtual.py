@@ -162,8 +162,10 @@ class TestBroker(AbstractQueueBroker):
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
         for message in batch:
             for name in message.queues:
+                # A copy per queue, as a real broker's wire gives: the sender may reuse its dict.
+                headers = dict(message.headers) if message.headers is not None else None
                 self._get(name).put(Delivery(message.body, message.message_id, 1, None,
-                                             message.headers, message.sent_at), message.delay)
+                                             headers, message.sent_at), message.delay)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         self._loop = asyncio.get_running_loop()
@@ -186,7 +188,7 @@ class TestBroker(AbstractQueueBroker):
         queue = self._get(name)
         dead, queue.dead = queue.dead, []
         for letter in dead:
-            queue.put(Delivery(letter.body, letter.message_id))
+            queue.put(_requeued(letter))
         return len(dead)
 
     async def _disconnect(self) -> None:
@@ -217,8 +219,13 @@ class TestBroker(AbstractQueueBroker):
         chosen = [letter for letter in queue.dead if letter.message_id in ids]
         queue.dead = [letter for letter in queue.dead if letter.message_id not in ids]
         for letter in chosen:
-            queue.put(Delivery(letter.body, letter.message_id))
+            queue.put(_requeued(letter))
         return len(chosen)
+
+
+def _requeued(letter: DeadLetter) -> Delivery:
+    """A dead letter as a first attempt again, with the sender's headers (its type) and stamp."""
+    return Delivery(letter.body, letter.message_id, 1, None, letter.headers, letter.sent_at)
 
 
 def _live_brokers() -> list[AbstractQueueBroker]:

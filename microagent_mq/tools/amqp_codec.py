@@ -4,12 +4,16 @@ Body: the user's JSON, unchanged. Properties: ``message_id``, ``content_type``, 
 delivery. Headers: ``x-attempt`` (int), ``x-sent-at`` (int, epoch milliseconds: AMQP tables
 would store a Python float as 32 bits), ``x-headers`` (the sender's metadata as one JSON
 string, so every JSON value comes back exactly as sent). A message from a foreign producer
-may have none of these: it is attempt 1 with no metadata, and its id falls back to ''.
+may have none of these: it is attempt 1 with no metadata. Without ``message_id`` its id is
+``body-<hash of the body>`` (``id_of``): stable across redeliveries and the copies we
+publish, which carry it, but shared by equal bodies, so it is marked synthetic (never used for
+idempotency); an id that is exactly that hash of its body is taken as made up here.
 Dead letters add ``x-error`` and ``x-failed-at``: int epoch milliseconds on the wire (a float
 given in ``extra`` is taken as seconds and converted); read back in both forms, because
 letters written before this rule hold a float of seconds (stored by AMQP as 32 bits).
 """
 
+import hashlib
 from typing import Any
 
 import aio_pika
@@ -72,3 +76,20 @@ def headers_of(message: AbstractIncomingMessage) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+SYNTHETIC_PREFIX = 'body-'
+
+
+def body_id(body: bytes) -> str:
+    """The id made up for a foreign message without one: a hash of its body."""
+    return f'{SYNTHETIC_PREFIX}{hashlib.blake2b(body, digest_size=12).hexdigest()}'
+
+
+def id_of(message: AbstractIncomingMessage) -> tuple[str, bool]:
+    """The message's id, and whether it was made up (here, or for a copy of a foreign message)."""
+    message_id = message.message_id
+    if not message_id:
+        return body_id(message.body), True
+    # Our copies of a foreign message (retry, dead letter, release) carry the made-up id.
+    return message_id, message_id.startswith(SYNTHETIC_PREFIX) and message_id == body_id(message.body)

@@ -39,8 +39,9 @@ see ``amqp_durability`` for what differs there):
   over-count, never an under-count).
 - **Foreign messages.** A message without ``message_id`` gets ``body-<hash of the body>``:
   stable across redeliveries and the copies we publish (which carry it; a delivery tag is
-  per channel, so no use), but two identical bodies share it; a producer that needs them
-  told apart sets ``message_id``.
+  per channel, so no use), but two identical bodies share it, so the delivery is marked
+  ``synthetic_id`` and an idempotent consumer handles it whatever its id; a producer that
+  needs duplicates recognised sets ``message_id``.
 
 Where a duplicate handling can still come from (each time counted as an attempt):
 a handler running when its consumer dies or loses its connection (its ack is lost); the
@@ -51,7 +52,6 @@ middle of a commit (RabbitMQ makes a transaction atomic per queue only).
 """
 
 import asyncio
-import hashlib
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -62,7 +62,7 @@ from aiormq.abc import AbstractChannel as Underlay
 
 from ..queue import Queue
 from ..transport import Delivery, Subscription, now_s
-from .amqp_codec import attempt_of, headers_of, sent_at_of
+from .amqp_codec import attempt_of, headers_of, id_of, sent_at_of
 from .amqp_durability import declare_queue, delivery_count
 from .amqp_tx import Step, Transactions
 
@@ -302,13 +302,14 @@ class AMQPSubscription(Subscription):
 
 
 def _delivery(message: AbstractIncomingMessage) -> Delivery:
-    return Delivery(message.body, _message_id(message), attempt_of(message), message,
-                    headers_of(message), sent_at_of(message))
+    message_id, synthetic = id_of(message)
+    return Delivery(message.body, message_id, attempt_of(message), message,
+                    headers_of(message), sent_at_of(message), synthetic)
 
 
 def _message_id(message: AbstractIncomingMessage) -> str:
     """The sender's id; for a foreign message without one, a stable id from its body."""
-    return message.message_id or f'body-{hashlib.blake2b(message.body, digest_size=12).hexdigest()}'
+    return id_of(message)[0]
 
 
 async def _close(channel: AbstractChannel) -> None:

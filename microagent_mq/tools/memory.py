@@ -75,7 +75,9 @@ class MemoryBroker(AbstractQueueBroker):
             for name in message.queues:
                 # A copy of exact size: orjson's output keeps a 4 KiB buffer behind it.
                 body = bytes(memoryview(message.body))
-                self._get(name).put(Delivery(body, message.message_id, 1, None, message.headers,
+                # A copy per queue, as a real broker's wire gives: the sender may reuse its dict.
+                headers = dict(message.headers) if message.headers is not None else None
+                self._get(name).put(Delivery(body, message.message_id, 1, None, headers,
                                              message.sent_at), message.delay)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
@@ -93,7 +95,7 @@ class MemoryBroker(AbstractQueueBroker):
         queue = self._get(name)
         dead, queue.dead = queue.dead, []
         for letter in dead:
-            queue.put(Delivery(letter.body, letter.message_id))
+            queue.put(_requeued(letter))
         return len(dead)
 
     async def _disconnect(self) -> None:
@@ -123,8 +125,13 @@ class MemoryBroker(AbstractQueueBroker):
         chosen = [letter for letter in queue.dead if letter.message_id in ids]
         queue.dead = [letter for letter in queue.dead if letter.message_id not in ids]
         for letter in chosen:
-            queue.put(Delivery(letter.body, letter.message_id))
+            queue.put(_requeued(letter))
         return len(chosen)
+
+
+def _requeued(letter: DeadLetter) -> Delivery:
+    """A dead letter as a first attempt again, with the sender's headers (its type) and stamp."""
+    return Delivery(letter.body, letter.message_id, 1, None, letter.headers, letter.sent_at)
 
 
 class MemorySubscription(Subscription):
@@ -181,7 +188,8 @@ class MemorySubscription(Subscription):
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         self._queue.in_flight -= 1
         self._queue.dead.append(DeadLetter(self._name, delivery.message_id, delivery.body,
-                                           error, delivery.attempt, now_s()))
+                                           error, delivery.attempt, now_s(), delivery.headers,
+                                           delivery.sent_at))
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         self._queue.in_flight -= len(deliveries)

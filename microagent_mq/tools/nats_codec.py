@@ -12,7 +12,9 @@ works): ``Nats-Msg-Id`` (JetStream's de-duplication id: a send retried after a l
 stored once), ``Mq-Id`` (the message id when it differs from ``Nats-Msg-Id``),
 ``Mq-Sent-At`` (epoch milliseconds), ``Mq-Headers`` (the sender's metadata as JSON),
 ``Mq-Due`` (delayed stream: epoch milliseconds), and on dead letters ``Mq-Error`` (JSON
-string), ``Mq-Attempts``, ``Mq-Failed-At`` (epoch milliseconds).
+string), ``Mq-Attempts``, ``Mq-Failed-At`` (epoch milliseconds). A foreign message without
+an id gets ``<stream>-<sequence>``, marked made up (``Delivery.synthetic_id``: never used for
+idempotency), and its copies carry ``Mq-Synthetic-Id`` to say so.
 """
 
 import json
@@ -32,6 +34,7 @@ DUE = 'Mq-Due'
 ERROR = 'Mq-Error'
 ATTEMPTS = 'Mq-Attempts'
 FAILED_AT = 'Mq-Failed-At'
+SYNTHETIC = 'Mq-Synthetic-Id'  # on copies of a foreign message: its Mq-Id was made up here
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,14 @@ def message_id_of(headers: dict[str, str] | None, fallback: str) -> str:
     return headers.get(ID) or headers.get(MSG_ID) or fallback
 
 
+def id_of(headers: dict[str, str] | None, fallback: str) -> tuple[str, bool]:
+    """``message_id_of``, and whether that id was made up (the message came without one)."""
+    sent = (headers.get(ID) or headers.get(MSG_ID)) if headers else None
+    if not sent:
+        return fallback, True
+    return sent, bool(headers and headers.get(SYNTHETIC))
+
+
 def sent_at_of(headers: dict[str, str] | None) -> float:
     """Epoch seconds the sender stamped, 0.0 when unknown."""
     raw = headers.get(SENT_AT) if headers else None
@@ -112,7 +123,7 @@ def user_headers_of(headers: dict[str, str] | None) -> dict[str, Any] | None:
 def copy_headers(headers: dict[str, str] | None, dedupe_id: str, message_id: str) -> dict[str, str]:
     """Headers of a copy (moved, dead-lettered, requeued): the same id, its own de-dup id."""
     table = {k: v for k, v in (headers or {}).items()
-             if k in (SENT_AT, HEADERS)}
+             if k in (SENT_AT, HEADERS, SYNTHETIC)}
     table[MSG_ID] = dedupe_id
     table[ID] = message_id
     return table

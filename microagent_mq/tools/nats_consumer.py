@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NATSSub
 
 from ..transport import Delivery, Subscription, now_s
-from .nats_codec import ATTEMPTS, CONSUMER, ERROR, FAILED_AT, copy_headers, message_id_of, sent_at_of
+from .nats_codec import ATTEMPTS, CONSUMER, ERROR, FAILED_AT, SYNTHETIC, copy_headers, id_of, sent_at_of
 from .nats_codec import user_headers_of as user_headers
 
 if TYPE_CHECKING:
@@ -140,10 +140,10 @@ class NATSSubscription(Subscription):
             seq = meta.sequence.stream
             spared = free.get(self._names.free_subject(self._queue, seq), 0)
             headers = msg.headers
+            message_id, synthetic = id_of(headers, f'{self._stream}-{seq}')
             deliveries.append(Delivery(
-                msg.data, message_id_of(headers, f'{self._stream}-{seq}'),
-                max(meta.num_delivered - spared, 1), Handle(msg, seq, spared),
-                user_headers(headers), sent_at_of(headers)))
+                msg.data, message_id, max(meta.num_delivered - spared, 1), Handle(msg, seq, spared),
+                user_headers(headers), sent_at_of(headers), synthetic))
         return deliveries
 
     async def _free_counts(self) -> dict[str, int]:
@@ -175,6 +175,8 @@ class NATSSubscription(Subscription):
         await broker.ensure_dlq(self._queue)
         dedupe = f'{delivery.message_id}@{self._stream}-{handle.seq}'
         headers = copy_headers(handle.msg.headers, dedupe, delivery.message_id)
+        if delivery.synthetic_id:  # requeued, it must not pass for the sender's id
+            headers[SYNTHETIC] = '1'
         headers.update({ERROR: json.dumps(error), ATTEMPTS: str(delivery.attempt),
                         FAILED_AT: str(int(now_s() * 1000))})
         js = await broker.jetstream()
