@@ -32,6 +32,7 @@ def _address(dsn: str, default_port: int) -> tuple[str, int]:
 
 SERVERS = {'redis': _address(REDIS_DSN, 6379), 'amqp': _address(AMQP_DSN, 5672),
            'nats': _address(NATS_DSN, 4222)}
+SERVERS['amqp_quorum'] = SERVERS['amqp']  # quorum queues on the same RabbitMQ
 
 
 def server_up(kind: str) -> bool:

@@ -24,6 +24,7 @@ def sync_broker(broker_kind: str) -> Iterator[SyncBroker]:
         require_server(broker_kind)
         broker = {'redis': lambda: connect(REDIS_DSN, prefix=f'test:{namespace}:'),
                   'amqp': lambda: connect(AMQP_DSN),
+                  'amqp_quorum': lambda: connect(AMQP_DSN, durability='quorum'),
                   'nats': lambda: connect(NATS_DSN, prefix=f'test_{namespace}')}[broker_kind]()
     yield broker
     broker.close()
