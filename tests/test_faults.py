@@ -72,6 +72,24 @@ async def test_a_lost_send_reply_loses_no_message(
     assert await direct.queue_length(queue.name) >= 3
 
 
+async def test_a_lost_batch_send_reply_neither_hangs_nor_loses(
+        proxy_to: ProxyTo, broker_factory: Factory) -> None:
+    """A ``send_many`` whose replies die with the connection returns (retried) or raises.
+
+    NATS: the batch's JetStream acks are futures of nats-py with no timeout of their own;
+    waiting for them unbounded hung the sender forever (found by the chaos run).
+    """
+    proxy, dsn = await proxy_to()
+    queue = Queue(unique())
+    direct, sending = broker_factory(), broker_factory(dsn)
+    await sending.send(queue.name, {'n': 0})  # connected and declared
+    proxy.lose_next_reply()
+    async with asyncio.timeout(60):  # a hang fails here, well past any send_timeout
+        await sending.send_many(queue.name, [{'n': n} for n in range(1, 11)])
+    assert proxy.cuts == 1
+    assert await direct.queue_length(queue.name) >= 11
+
+
 @pytest.mark.amqp
 async def test_rabbitmq_restart_consumers_and_senders_survive(own_rabbit: RabbitNode) -> None:
     """Re-homed from test_amqp: restarts the tests' own node, never the shared one."""
