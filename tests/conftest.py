@@ -16,7 +16,7 @@ from microagent_mq import Queue, testing
 from microagent_mq.broker import AbstractQueueBroker
 
 from .faults import FaultProxy
-from .servers import RabbitNode, RedisServer
+from .servers import NatsServer, RabbitNode, RedisServer
 from .servers import free_port as free_port  # re-exported: tests import it from here
 
 # DB 0 by default: every test's keys carry a unique prefix, so they share a DB with anyone.
@@ -119,7 +119,7 @@ async def proxy_to(broker_kind: str) -> AsyncIterator[Callable[[], Awaitable[tup
 
     async def make() -> tuple[FaultProxy, str]:
         require_server(broker_kind)
-        dsn = REDIS_DSN if broker_kind == 'redis' else AMQP_DSN
+        dsn = {'redis': REDIS_DSN, 'amqp': AMQP_DSN, 'nats': NATS_DSN}[broker_kind]
         proxy = await FaultProxy(SERVERS[broker_kind][1], SERVERS[broker_kind][0]).start()
         proxies.append(proxy)
         return proxy, proxied_dsn(dsn, proxy)
@@ -140,6 +140,18 @@ def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisS
     """A Redis server of this test's own (``indirect`` param: extra server arguments)."""
     try:
         server = RedisServer(tmp_path / 'redis', list(getattr(request, 'param', [])))
+    except FileNotFoundError as exc:
+        _missing(str(exc))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A NATS server with JetStream of this test's own (restart it: port and store are kept)."""
+    try:
+        server = NatsServer(tmp_path / 'nats')
     except FileNotFoundError as exc:
         _missing(str(exc))
     server.start()

@@ -5,6 +5,7 @@
 log directories, empty config and plugin files (no management plugin) and its own Erlang
 cookie in its own HOME. ``rabbitmqctl`` is always run with ``-n <that node>`` and that HOME:
 with a cookie of its own it could not reach the shared node even by mistake.
+``NatsServer``: a ``nats-server`` with JetStream, its store in its own folder.
 """
 
 import os
@@ -71,6 +72,51 @@ class RedisServer:
     def restart(self) -> None:
         """SIGKILL and start again: with ``aof`` every write acknowledged before survives."""
         self.kill()
+        self.start()
+
+
+class NatsServer:
+    """``nats-server -js`` on a free port, JetStream store in ``folder``; ``restart()`` keeps both."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = shutil.which('nats-server')
+        if binary is None:
+            raise FileNotFoundError('nats-server is not installed')
+        self.binary, self.folder, self.port = binary, folder, free_port()
+        self.args = ['-a', '127.0.0.1', '-p', str(self.port), '-js', '-sd', str(folder / 'store')]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f'nats://127.0.0.1:{self.port}'
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = (self.folder / 'server.log').open('ab')
+        self.proc = subprocess.Popen([self.binary, *self.args], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_listening(self.port, 10, self.proc)  # JetStream is up before clients are accepted
+
+    def stop(self) -> None:
+        """SIGTERM: a graceful shutdown (clients see their connections close), then wait."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+
+    def restart(self) -> None:
+        """Stop gracefully and start again on the same port and store."""
+        self.stop()
         self.start()
 
 

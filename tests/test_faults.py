@@ -16,7 +16,7 @@ from microagent_mq.tools.amqp import AMQPBroker
 
 from .conftest import Calls, unique, wait_until
 from .faults import FaultProxy
-from .servers import RabbitNode
+from .servers import NatsServer, RabbitNode
 
 pytestmark = pytest.mark.timeout(120)
 ProxyTo = Callable[[], Awaitable[tuple[FaultProxy, str]]]
@@ -24,7 +24,8 @@ Factory = Callable[..., AbstractQueueBroker]
 
 
 @pytest.fixture(params=[pytest.param('redis', marks=pytest.mark.redis),
-                        pytest.param('amqp', marks=pytest.mark.amqp)])
+                        pytest.param('amqp', marks=pytest.mark.amqp),
+                        pytest.param('nats', marks=pytest.mark.nats)])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -71,6 +72,24 @@ async def test_a_lost_send_reply_loses_no_message(
     assert await direct.queue_length(queue.name) >= 3
 
 
+async def test_a_lost_batch_send_reply_neither_hangs_nor_loses(
+        proxy_to: ProxyTo, broker_factory: Factory) -> None:
+    """A ``send_many`` whose replies die with the connection returns (retried) or raises.
+
+    NATS: the batch's JetStream acks are futures of nats-py with no timeout of their own;
+    waiting for them unbounded hung the sender forever (found by the chaos run).
+    """
+    proxy, dsn = await proxy_to()
+    queue = Queue(unique())
+    direct, sending = broker_factory(), broker_factory(dsn)
+    await sending.send(queue.name, {'n': 0})  # connected and declared
+    proxy.lose_next_reply()
+    async with asyncio.timeout(60):  # a hang fails here, well past any send_timeout
+        await sending.send_many(queue.name, [{'n': n} for n in range(1, 11)])
+    assert proxy.cuts == 1
+    assert await direct.queue_length(queue.name) >= 11
+
+
 @pytest.mark.amqp
 async def test_rabbitmq_restart_consumers_and_senders_survive(own_rabbit: RabbitNode) -> None:
     """Re-homed from test_amqp: restarts the tests' own node, never the shared one."""
@@ -96,6 +115,42 @@ async def test_rabbitmq_restart_consumers_and_senders_survive(own_rabbit: Rabbit
         await agent.stop(grace=1)
         await sending.close()
         await consuming.close()
+
+
+@pytest.mark.nats
+async def test_nats_restart_consumers_and_senders_survive(
+        own_nats: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The tests' own nats-server stops with sends under way and comes back: nothing is lost."""
+    from microagent_mq.tools.nats import NATSBroker
+
+    queue, calls = Queue(unique()), Calls()
+    consuming, sending = NATSBroker(own_nats.dsn), NATSBroker(own_nats.dsn, send_timeout=60)
+    agent = recording_agent(queue, calls)(broker=consuming)
+    await agent.start()
+    try:
+        await sending.send(queue.name, {'n': 1})
+        await calls.wait_for(1)
+        await asyncio.to_thread(own_nats.stop)
+        try:
+            sends = asyncio.create_task(_send_each(sending, queue.name, range(2, 6)))
+            # The server is down: the first of them fails at least once before it comes back.
+            await wait_until(lambda: 'Publishing failed' in caplog.text or sends.done(),
+                             what='a send failing while the server is down')
+            assert not sends.done()
+        finally:
+            await asyncio.to_thread(own_nats.start)  # never leave it stopped
+        await sends
+        await wait_until(lambda: {c['n'] for c in calls.items} == {1, 2, 3, 4, 5},
+                         timeout_s=60, what='messages after the restart')
+    finally:
+        await agent.stop(grace=1)
+        await sending.close()
+        await consuming.close()
+
+
+async def _send_each(broker: AbstractQueueBroker, queue: str, numbers: range) -> None:
+    for n in numbers:
+        await broker.send(queue, {'n': n})
 
 
 @pytest.mark.amqp

@@ -47,6 +47,8 @@ from .nats_delayed import DelayedMover
 ERRORS = (nats.errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
 DUPLICATE_WINDOW_S = 120.0  # a send retried within this is stored once (Nats-Msg-Id)
 FREE_MAX_AGE_S = 30 * 24 * 3600.0  # free-delivery records of messages never settled expire
+# nats-py's publish_async futures have no timeout: acks lost with a connection never come.
+BATCH_ACK_TIMEOUT_S = 5.0
 
 
 @dataclass(repr=False, eq=False)
@@ -195,8 +197,9 @@ class NATSBroker(AbstractQueueBroker):
                     await js.publish(subject, message.body, headers=copy)
                     return
                 acks.append(await js.publish_async(subject, message.body, headers=copy))
-        if acks:  # every store acknowledged together: one wait for the batch
-            await asyncio.gather(*acks)
+        if acks:  # every store acknowledged together: one wait for the batch, bounded
+            # (a timeout is retried whole by _publish, de-duplicated by Nats-Msg-Id)
+            await asyncio.wait_for(asyncio.gather(*acks), BATCH_ACK_TIMEOUT_S)
 
     # consuming ----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``python -m tests.chaos [--broker redis|amqp|all] [--messages N] ...``: see docs/reliability.md.
+"""``python -m tests.chaos [--broker redis|amqp|nats|all] [--messages N] ...``: see docs/reliability.md.
 
 Prints a table per broker and writes the JSON report. With ``--check`` the exit status is 1
 when a message was lost or a worker died by itself (CI); duplicates are reported only.
@@ -31,7 +31,7 @@ ROWS = [
 def parser() -> argparse.ArgumentParser:
     default = Settings()
     args = argparse.ArgumentParser(prog='python -m tests.chaos', description=__doc__)
-    args.add_argument('--broker', choices=['redis', 'amqp', 'all'], default='all')
+    args.add_argument('--broker', choices=['redis', 'amqp', 'nats', 'all'], default='all')
     args.add_argument('--messages', type=int, default=default.messages)
     args.add_argument('--workers', type=int, default=default.workers)
     args.add_argument('--concurrency', type=int, default=default.concurrency)
@@ -80,7 +80,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 async def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    brokers = ['redis', 'amqp'] if args.broker == 'all' else [args.broker]
+    brokers = ['redis', 'amqp', 'nats'] if args.broker == 'all' else [args.broker]
     results = []
     with tempfile.TemporaryDirectory(prefix='chaos-') as scratch:
         folder = args.keep or Path(scratch)

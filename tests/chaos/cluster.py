@@ -13,7 +13,7 @@ from typing import Any
 
 from microagent_mq.broker import AbstractQueueBroker
 
-from ..servers import RabbitNode, RedisServer
+from ..servers import NatsServer, RabbitNode, RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / 'microagent-mq'
@@ -120,6 +120,49 @@ class RabbitBackend(Backend):
                 message = aio_pika.Message(body, message_id=uuid.uuid4().hex if with_id else None,
                                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
                 await channel.default_exchange.publish(message, queue)
+
+
+class NatsBackend(Backend):
+    kind = 'nats'
+
+    def __init__(self, folder: Path) -> None:
+        self.server = NatsServer(folder / 'nats')  # JetStream file store: data survives restarts
+        self.port = self.server.port
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def restart(self) -> None:
+        self.server.stop()  # graceful (SIGTERM): clients see their connections close
+        time.sleep(1)  # down for a moment: clients see refused connections, not a blip
+        self.server.start()
+
+    def dsn(self, port: int | None = None) -> str:
+        return f'nats://127.0.0.1:{port or self.port}'
+
+    def broker(self, port: int | None = None) -> AbstractQueueBroker:
+        from microagent_mq.tools.nats import NATSBroker
+
+        return NATSBroker(self.dsn(port), send_timeout=60)
+
+    async def write_raw(self, queue: str, bodies: list[bytes], with_id: bool) -> None:
+        """Plain nats-py into the queue's stream (the workers declared it): ``with_id`` adds
+        only JetStream's ``Nats-Msg-Id``, without it there are no headers at all."""
+        import nats
+
+        from microagent_mq.tools.nats_codec import MSG_ID, Names
+
+        client = await nats.connect(self.dsn())
+        try:
+            js = client.jetstream()
+            for body in bodies:
+                headers = {MSG_ID: uuid.uuid4().hex} if with_id else None
+                await js.publish(Names('mq').subject(queue), body, headers=headers)
+        finally:
+            await client.close()
 
 
 class Workers:

@@ -14,7 +14,7 @@ from microagent_mq import Queue
 from microagent_mq.broker import AbstractQueueBroker
 
 from ..faults import FaultProxy
-from .cluster import Backend, RabbitBackend, RedisBackend, Workers
+from .cluster import Backend, NatsBackend, RabbitBackend, RedisBackend, Workers
 from .record import Fault, Outcome, ends, read_lines, report
 
 SETTLE_S = 15.0  # after the drain: longer than a visibility timeout, so late copies show
@@ -51,7 +51,9 @@ class Settings:
 async def chaos(settings: Settings, folder: Path) -> dict[str, Any]:
     """Run it all on ``settings.broker``; returns the report (JSON-able)."""
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    backend: Backend = RedisBackend(folder) if settings.broker == 'redis' else RabbitBackend(folder)
+    backends: dict[str, type[Backend]] = {'redis': RedisBackend, 'amqp': RabbitBackend,
+                                          'nats': NatsBackend}
+    backend = backends[settings.broker](folder)
     started = time.monotonic()
     await asyncio.to_thread(backend.start)
     server_start_s = time.monotonic() - started
