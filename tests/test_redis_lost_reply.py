@@ -115,6 +115,19 @@ async def test_send_whose_reply_is_lost_is_stored_once(
     assert await direct.client.xlen(direct.stream_key(queue.name)) == 2
 
 
+async def test_send_with_headers_whose_reply_is_lost_is_stored_once(
+        proxied: tuple[LostReplyProxy, RedisBroker, RedisBroker]) -> None:
+    # A typed message's send (headers: its type) takes a script of its own: as idempotent.
+    proxy, through, direct = proxied
+    queue = Queue(unique())
+    await through.send(queue.name, {'n': 1}, headers={'k': 'v'})
+    proxy.lose_reply_to(through.stream_key(queue.name).encode())
+    await through.send(queue.name, {'n': 2}, headers={'k': 'v'})
+    assert (proxy.lost, proxy.requests) == (1, 2)  # redis-py sent it again
+    entries = await direct.client.xrange(direct.stream_key(queue.name))
+    assert [fields[b'headers'] for _, fields in entries] == [b'{"k":"v"}', b'{"k":"v"}']
+
+
 async def test_send_many_whose_reply_is_lost_is_stored_once(
         proxied: tuple[LostReplyProxy, RedisBroker, RedisBroker]) -> None:
     proxy, through, direct = proxied

@@ -27,8 +27,13 @@ def entry_fields(body: bytes, message_id: str, attempt: int, sent_at: float,
     if sent_at:
         fields += ('ts', ts_ms(sent_at))
     if headers is not None:
-        fields += ('headers', orjson.dumps(headers))
+        fields += ('headers', encoded_headers(headers))
     return fields
+
+
+def encoded_headers(headers: dict[str, Any]) -> bytes:
+    """``headers`` as stored in the ``headers`` field: JSON."""
+    return orjson.dumps(headers)
 
 
 def ts_ms(sent_at: float) -> int:

@@ -28,6 +28,13 @@ redis.call('XADD', KEYS[2], '*', 'body', ARGV[2], 'id', ARGV[3], 'ts', ARGV[4])
 return 1
 """
 
+# One message with metadata (a typed message's type): as SEND_ONE, plus ARGV[5] = headers JSON.
+SEND_ONE_HEADERS = _FIRST_TIME + """
+if not first_time(KEYS[1], ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], '*', 'body', ARGV[2], 'id', ARGV[3], 'ts', ARGV[4], 'headers', ARGV[5])
+return 1
+"""
+
 # Any batch, all or nothing. KEYS: mark, then the target keys. ARGV: bit, records:
 #   'P', key index, count, ts, then count x (body, id)       plain messages to a stream
 #   'F', key index, due ms (0: now), n, then n field values  one entry, or a delayed member
@@ -219,6 +226,7 @@ class Scripts:
 
     def __init__(self, client: Any) -> None:
         self.send_one = client.register_script(SEND_ONE)
+        self.send_one_headers = client.register_script(SEND_ONE_HEADERS)
         self.publish = client.register_script(PUBLISH)
         self.settle = client.register_script(SETTLE)
         self.renew = client.register_script(RENEW)
