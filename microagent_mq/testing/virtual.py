@@ -11,7 +11,8 @@ from typing import Any
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..exceptions import QueueException
-from ..transport import DeadLetter, Delivery, Outgoing, QueueStats, Subscription
+from ..in_process import InProcessPrimitives
+from ..transport import Delivery, Outgoing, QueueStats, Subscription
 from .capture import HandlerErrorLog
 from .clock import VirtualClock, check_seconds
 from .queues import Activity, VirtualQueue, VirtualSubscription
@@ -34,7 +35,7 @@ class ProcessReport:
 
 
 @dataclass(repr=False, eq=False)
-class TestBroker(AbstractQueueBroker):
+class TestBroker(InProcessPrimitives, AbstractQueueBroker):
     """A broker for tests: nothing runs until the test says so, and time is virtual.
 
     Agents start on it as on any broker; the real engine runs their handlers, but only inside
@@ -181,19 +182,6 @@ class TestBroker(AbstractQueueBroker):
     async def _length(self, name: str, **options: Any) -> int:
         return self._get(name).promote_due()
 
-    async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
-        return self._get(name).dead[:limit]
-
-    async def _requeue_dead_letters(self, name: str) -> int:
-        queue = self._get(name)
-        dead, queue.dead = queue.dead, []
-        for letter in dead:
-            queue.put(_requeued(letter))
-        return len(dead)
-
-    async def _disconnect(self) -> None:
-        return None
-
     # operators' primitives ----------------------------------------------------------------
 
     async def _stats(self, name: str) -> QueueStats:
@@ -201,31 +189,6 @@ class TestBroker(AbstractQueueBroker):
         subscription = self._subscriptions.get(name)
         in_flight = subscription.in_flight if subscription is not None else 0
         return QueueStats(name, queue.promote_due(), len(queue.delayed), in_flight, len(queue.dead))
-
-    async def _purge(self, name: str) -> int:
-        queue = self._get(name)
-        count = len(queue.ready) + len(queue.delayed)
-        queue.ready.clear()
-        queue.delayed.clear()
-        return count
-
-    async def _purge_dead_letters(self, name: str) -> int:
-        queue = self._get(name)
-        count, queue.dead = len(queue.dead), []
-        return count
-
-    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
-        queue = self._get(name)
-        chosen = [letter for letter in queue.dead if letter.message_id in ids]
-        queue.dead = [letter for letter in queue.dead if letter.message_id not in ids]
-        for letter in chosen:
-            queue.put(_requeued(letter))
-        return len(chosen)
-
-
-def _requeued(letter: DeadLetter) -> Delivery:
-    """A dead letter as a first attempt again, with the sender's headers (its type) and stamp."""
-    return Delivery(letter.body, letter.message_id, 1, None, letter.headers, letter.sent_at)
 
 
 def _live_brokers() -> list[AbstractQueueBroker]:

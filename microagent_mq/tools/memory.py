@@ -12,6 +12,7 @@ from typing import Any
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import parse_dsn
+from ..in_process import InProcessPrimitives
 from ..transport import DeadLetter, Delivery, Outgoing, QueueStats, Subscription, now_s
 
 IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
@@ -56,7 +57,7 @@ _hubs: dict[str, dict[str, MemoryQueue]] = {}
 
 
 @dataclass(repr=False, eq=False)
-class MemoryBroker(AbstractQueueBroker):
+class MemoryBroker(InProcessPrimitives, AbstractQueueBroker):
     """``MemoryBroker('memory://NAME')``: brokers with the same DSN share their queues."""
 
     def __post_init__(self) -> None:
@@ -88,50 +89,12 @@ class MemoryBroker(AbstractQueueBroker):
         queue.promote_due()
         return len(queue.ready)
 
-    async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
-        return self._get(name).dead[:limit]
-
-    async def _requeue_dead_letters(self, name: str) -> int:
-        queue = self._get(name)
-        dead, queue.dead = queue.dead, []
-        for letter in dead:
-            queue.put(_requeued(letter))
-        return len(dead)
-
-    async def _disconnect(self) -> None:
-        return None
-
     # operators' primitives ----------------------------------------------------------------
 
     async def _stats(self, name: str) -> QueueStats:
         queue = self._get(name)
         queue.promote_due()
         return QueueStats(name, len(queue.ready), len(queue.delayed), queue.in_flight, len(queue.dead))
-
-    async def _purge(self, name: str) -> int:
-        queue = self._get(name)
-        count = len(queue.ready) + len(queue.delayed)
-        queue.ready.clear()
-        queue.delayed.clear()
-        return count
-
-    async def _purge_dead_letters(self, name: str) -> int:
-        queue = self._get(name)
-        count, queue.dead = len(queue.dead), []
-        return count
-
-    async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
-        queue = self._get(name)
-        chosen = [letter for letter in queue.dead if letter.message_id in ids]
-        queue.dead = [letter for letter in queue.dead if letter.message_id not in ids]
-        for letter in chosen:
-            queue.put(_requeued(letter))
-        return len(chosen)
-
-
-def _requeued(letter: DeadLetter) -> Delivery:
-    """A dead letter as a first attempt again, with the sender's headers (its type) and stamp."""
-    return Delivery(letter.body, letter.message_id, 1, None, letter.headers, letter.sent_at)
 
 
 class MemorySubscription(Subscription):
