@@ -64,17 +64,18 @@ class NullBroker(AbstractQueueBroker):
         self.published.clear()
 
     async def publish(self, message: Any, delay: float | None = None,
-                      headers: dict[str, Any] | None = None) -> None:
+                      headers: dict[str, Any] | None = None, priority: int | None = None) -> None:
         """As on every broker; the record keeps ``message`` itself."""
         with self._publishing([message]):
-            await super().publish(message, delay, headers)
+            await super().publish(message, delay, headers, priority)
 
     async def publish_many(self, messages: Iterable[Any], delay: float | None = None,
-                           headers: dict[str, Any] | None = None) -> None:
+                           headers: dict[str, Any] | None = None,
+                           priority: int | None = None) -> None:
         """As on every broker; each record keeps its message."""
         messages = list(messages)
         with self._publishing(messages):
-            await super().publish_many(messages, delay, headers)
+            await super().publish_many(messages, delay, headers, priority)
 
     @contextmanager
     def _publishing(self, messages: Sequence[Any]) -> Iterator[None]:
