@@ -1,11 +1,11 @@
 """A consumer of a queue with priorities, retention or a bound: its level streams as one queue.
 
-One ``XREADGROUP`` reads every level stream, highest first; Redis answers with up to COUNT
-entries per stream, so what does not fit in the batch asked for waits here (held: renewed by
-the heartbeat, released on close) and is merged, by level then id, with the next read. A
-handle is ``(level, entry id)``: ids repeat across streams. Takeover, renewal, release and
-settling act on each level stream as the plain consumer does on its one stream. On a
-retaining queue an ack is ``XACK`` alone: the entry stays for history until trimmed.
+A fetch is one script (``FETCH_LEVELS``): ``XREADGROUP`` on each level, highest first, until
+the batch asked for is full, so a consumer never holds more than it asked for. When nothing
+waits, an ``XREAD`` blocks on every level from where the group stands, then the script reads
+again. A handle is ``(level, entry id)``: ids repeat across streams. Takeover, renewal,
+release and settling act on each level stream as the plain consumer does on its one stream.
+On a retaining queue an ack is ``XACK`` alone: the entry stays for history until trimmed.
 """
 
 import time
@@ -22,9 +22,10 @@ from .redis_layout import Layout
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
+    from .redis_level_scripts import LevelScripts
 
 Handle = tuple[int, bytes]  # (priority level, entry id in that level's stream)
-SPILL_BATCHES = 4  # read beyond a batch and kept here: at most this many batches, then released
+MOVE_BATCH = 100  # due delayed messages a fetch moves into their streams (the mover does more)
 
 
 class LevelSubscription(RedisSubscription):
@@ -35,12 +36,14 @@ class LevelSubscription(RedisSubscription):
         super().__init__(broker, layout.name, visibility_s, member)
         self._layout = layout
         self._streams = layout.streams
-        self._read_keys: dict[Any, Any] = dict.fromkeys(layout.highest_first, '>')
-        self._levels = {key.encode(): level for level, key in enumerate(layout.streams)}
-        self._spill: list[Delivery] = []  # read, not yet handed out: by level desc, then id
+        self._highest = list(layout.highest_first)
+        self._level_at = list(range(len(layout.streams)))[::-1]  # by index in _highest
+
+    @property
+    def _level_scripts(self) -> 'LevelScripts':
+        return self._broker._levels
 
     async def create_group(self) -> None:
-        self._spill.clear()  # a group made again (Redis lost it) holds none of these
         async with self._broker.client.pipeline(transaction=False) as pipe:
             for stream in self._streams:
                 pipe.xgroup_create(stream, GROUP, id='0', mkstream=True)
@@ -52,31 +55,33 @@ class LevelSubscription(RedisSubscription):
     # reading ----------------------------------------------------------------------------
 
     async def _read(self, acks: list[Any], max_count: int, block: int | None = BLOCK_MS) -> Any:
-        async with self._broker.client.pipeline(transaction=False) as pipe:
+        client = self._broker.client
+        fetch = self._level_scripts.fetch_levels
+        layout = self._layout
+        keys = [layout.delayed, *([layout.clock] if layout.clock else []), *self._highest]
+        args = [GROUP, self._name, max_count, int(time.time() * 1000), int(bool(layout.clock)),
+                MOVE_BATCH]
+        async with client.pipeline(transaction=False) as pipe:
             self._queue_acks(pipe, acks)
-            # Entries waiting here already: hand them out now, with whatever else is ready.
-            pipe.xreadgroup(GROUP, self._name, self._read_keys, count=max_count,
-                            block=None if self._spill else block)
-            return (await pipe.execute())[-1]
+            await fetch(keys=keys, args=args, client=pipe)
+            reply = (await pipe.execute())[-1]
+        if reply[0] == 1 or block is None:
+            return reply
+        # Nothing waits: block until an entry comes to any level (XREAD from where the group
+        # stands reads nothing for the group), then read for the group again.
+        if await client.xread(dict(zip(self._highest, reply[1], strict=True)), count=1,
+                              block=block):
+            args[3] = int(time.time() * 1000)
+            return await fetch(keys=keys, args=args, client=client)
+        return reply
 
     async def _replied(self, reply: Any, max_count: int) -> list[Delivery]:
-        fresh: list[Delivery] = []
-        for key, entries in reply or ():
-            fresh += await self._level_deliveries(self._levels[key], entries)
-        return await self._take(fresh, max_count)
-
-    async def _take(self, fresh: list[Delivery], max_count: int) -> list[Delivery]:
-        """The first ``max_count`` of what waits here and ``fresh``, highest level first."""
-        merged = self._spill + fresh
-        merged.sort(key=_order)
-        out, rest = merged[:max_count], merged[max_count:]
-        most = SPILL_BATCHES * max_count
-        if len(rest) > most:  # a flood of higher levels: give the lowest back to the queue
-            rest, extra = rest[:most], rest[most:]
-            handles = [d.handle for d in extra]
-            self._held.difference_update(handles)
-            await self._release(handles)
-        self._spill = rest
+        if not reply or reply[0] != 1:
+            return []
+        out: list[Delivery] = []
+        for index, entries in reply[1]:
+            out += await self._level_deliveries(
+                self._level_at[index - 1], [(entry_id, _fields(flat)) for entry_id, flat in entries])
         return out
 
     async def _level_deliveries(self, level: int, entries: Iterable[tuple[bytes, Any]],
@@ -112,35 +117,31 @@ class LevelSubscription(RedisSubscription):
         tidy = time.monotonic() >= self._next_tidy
         if tidy:
             self._next_tidy = time.monotonic() + TIDY_EVERY_S
-        scripts = self._scripts
-        async with self._broker.client.pipeline(transaction=False) as pipe:
-            for stream in self._streams:
-                if tidy:
-                    await scripts.tidy(keys=[stream], args=[GROUP, self._tidy_idle_ms], client=pipe)
-                await scripts.claim(keys=[stream], args=[GROUP, self._name, self._visibility_ms,
-                                                         max_count, RELEASED_IDLE_MS // 2],
-                                    client=pipe)
-            replies = await pipe.execute()
-        claims = replies[1::2] if tidy else replies
-        fresh: list[Delivery] = []
+            async with self._broker.client.pipeline(transaction=False) as pipe:
+                for stream in self._streams:
+                    await self._scripts.tidy(keys=[stream], args=[GROUP, self._tidy_idle_ms],
+                                             client=pipe)
+                await pipe.execute()
+        reply: Any = await self._level_scripts.claim_levels(
+            keys=self._highest,
+            args=[GROUP, self._name, self._visibility_ms, max_count, RELEASED_IDLE_MS // 2])
+        out: list[Delivery] = []
         abandoned = 0
-        for level, reply in enumerate(claims):
-            entries, priors = [], {}
-            for entry_id, flat, count, state in reply:
-                handle = (level, entry_id)
-                if state == 1:  # ours: see RedisSubscription._claim
-                    if handle in self._held:
-                        continue
-                    count = count if handle in self._unsettled else count - 1
-                elif state == 0:
-                    abandoned += 1
-                entries.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=True))))
-                priors[entry_id] = max(count, 0)
-            fresh += await self._level_deliveries(level, entries, priors)
+        for index, entry_id, flat, count, state in reply:
+            level = self._level_at[index - 1]
+            handle = (level, entry_id)
+            if state == 1:  # ours: see RedisSubscription._claim
+                if handle in self._held:
+                    continue
+                count = count if handle in self._unsettled else count - 1
+            elif state == 0:
+                abandoned += 1
+            out += await self._level_deliveries(level, [(entry_id, _fields(flat))],
+                                                {entry_id: max(count, 0)})
         if abandoned:
             self._broker.log.warning('Took over %d message(s) of %s abandoned by other '
                                      'consumers', abandoned, self._queue)
-        return await self._take(fresh, max_count) if fresh else []
+        return out
 
     # settling ---------------------------------------------------------------------------
 
@@ -224,18 +225,6 @@ class LevelSubscription(RedisSubscription):
             await self._scripts.release(keys=[self._streams[level]],
                                         args=[GROUP, self._name, RELEASED_IDLE_MS, *ids])
 
-    async def close(self) -> None:
-        if self._spill and self._broker._connected is not None:
-            spill, self._spill = self._spill, []
-            handles = [d.handle for d in spill]
-            self._held.difference_update(handles)
-            try:
-                await self._release(handles)
-            except Exception as exc:  # pending here: released by the orphan scan, or taken over
-                self._broker.log.warning('Could not release %d read message(s) of %s: %r',
-                                         len(handles), self._queue, exc)
-        await super().close()
-
     async def _release_orphans(self, client: Any) -> None:
         forget = True
         for level, stream in enumerate(self._streams):
@@ -264,11 +253,8 @@ def _by_level(handles: Iterable[Handle]) -> dict[int, list[bytes]]:
     return grouped
 
 
-def _order(delivery: Delivery) -> tuple[int, int, int]:
-    """Highest level first, then the stream's order (its ids)."""
-    level, entry_id = delivery.handle
-    ms, _, seq = entry_id.partition(b'-')
-    return -level, int(ms), int(seq or 0)
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _priority(delivery: Delivery) -> list[Any]:

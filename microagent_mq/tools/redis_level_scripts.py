@@ -173,26 +173,94 @@ end
 return 1
 """
 
+_MOVE = """
+local function move_due(delayed, by_level, now, most)
+    local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, most)
+    for _, member in ipairs(due) do
+        local fields = cjson.decode(member)
+        local key = by_level[1]
+        for i = 1, #fields, 2 do
+            if fields[i] == 'priority' then
+                key = by_level[math.min(1 + (tonumber(fields[i + 1]) or 0), #by_level)]
+            end
+        end
+        add(key, unpack(fields))
+    end
+    for i = 1, #due, 1000 do
+        redis.call('ZREM', delayed, unpack(due, i, math.min(i + 999, #due)))
+    end
+    return #due
+end
+"""
+
 # Move due delayed members into the stream of their priority level (their ``priority``
 # field; level 0 without one). KEYS: zset, the queue's clock, then the level streams.
 # ARGV: now (ms), most.
-MOVE_DUE_LEVELS = _IDS + _CLOCK + """
+MOVE_DUE_LEVELS = _IDS + _CLOCK + _MOVE + """
 for k = 3, #KEYS do clock_of[KEYS[k]] = KEYS[2] end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, member in ipairs(due) do
-    local fields = cjson.decode(member)
-    local key = KEYS[3]
-    for i = 1, #fields, 2 do
-        if fields[i] == 'priority' then
-            key = KEYS[math.min(3 + (tonumber(fields[i + 1]) or 0), #KEYS)]
+return move_due(KEYS[1], {unpack(KEYS, 3)}, ARGV[1], ARGV[2])
+"""
+
+# Move what is due from the delayed set (as the mover does: a fetch sees what length counts),
+# then read up to ARGV[3] entries never delivered, highest level first (XREADGROUP COUNT is
+# per stream: one command over all levels could return more than asked). KEYS: the delayed
+# set, the queue's clock (ARGV[5] = '1'; else no such key), then the level streams, highest
+# first. ARGV: group, consumer, most, now ms, clock?, most to move. Returns
+# {1, {{k, entries}...}} (k: index among the streams), or, when none, {0, ids}: each level's
+# last-delivered id, to wait on with XREAD.
+FETCH_LEVELS = _WAITING + _IDS + _CLOCK + _MOVE + """
+local first = ARGV[5] == '1' and 3 or 2
+local streams = {unpack(KEYS, first)}
+local by_level = {}
+for k = #streams, 1, -1 do by_level[#by_level + 1] = streams[k] end
+if first == 3 then
+    for _, stream in ipairs(streams) do clock_of[stream] = KEYS[2] end
+end
+move_due(KEYS[1], by_level, ARGV[4], ARGV[6])
+local out, left = {}, tonumber(ARGV[3])
+for k, stream in ipairs(streams) do
+    if left <= 0 then break end
+    local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left,
+                         'STREAMS', stream, '>')
+    if r and #r[1][2] > 0 then
+        out[#out + 1] = {k, r[1][2]}
+        left = left - #r[1][2]
+    end
+end
+if #out > 0 then return {1, out} end
+local ids = {}
+for k, stream in ipairs(streams) do
+    local info = group_info(stream, ARGV[1])
+    ids[k] = info and info['last-delivered-id'] or '0-0'
+end
+return {0, ids}
+"""
+
+# CLAIM (redis_scripts) over every level, highest first, up to ARGV[4] entries in all.
+# KEYS: the level streams, highest first. Returns {k, id, fields, deliveries, state}.
+CLAIM_LEVELS = """
+local out, left = {}, tonumber(ARGV[4])
+for k, stream in ipairs(KEYS) do
+    if left <= 0 then break end
+    local pending = redis.call('XPENDING', stream, ARGV[1], 'IDLE', ARGV[3], '-', '+', left)
+    for _, p in ipairs(pending) do
+        local claimed = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], ARGV[3], p[1])
+        local entry = claimed[1]
+        if entry and entry[2] then
+            local state = 0
+            if p[3] >= tonumber(ARGV[5]) then
+                state = 2
+            elseif p[2] == ARGV[2] then
+                state = 1
+            end
+            out[#out + 1] = {k, entry[1], entry[2], p[4], state}
+            left = left - 1
+        else
+            redis.call('XACK', stream, ARGV[1], p[1])
         end
     end
-    add(key, unpack(fields))
 end
-for i = 1, #due, 1000 do
-    redis.call('ZREM', KEYS[1], unpack(due, i, math.min(i + 999, #due)))
-end
-return #due
+return out
 """
 
 # Messages waiting. KEYS: delayed set, then the level streams. ARGV: group, now ms, idle of a
@@ -236,3 +304,5 @@ class LevelScripts:
         self.move_due_levels = client.register_script(MOVE_DUE_LEVELS)
         self.length_levels = client.register_script(LENGTH_LEVELS)
         self.trim = client.register_script(TRIM)
+        self.fetch_levels = client.register_script(FETCH_LEVELS)
+        self.claim_levels = client.register_script(CLAIM_LEVELS)
