@@ -5,7 +5,7 @@ retention. An entry is listed once, as sent: the copies a queue makes of a messa
 moved back from the delayed set has ``attempt``; a requeued dead letter has ``again``) are
 not. Stream ids are the server's clock and ``ts`` the sender's: a read starts a little before
 ``since`` in id terms and filters on ``ts``. With priorities the level streams are merged by
-id (to the millisecond of the server's clock; entries of one level keep their order).
+id: their entries take ids from the queue's clock, so ids give the order they were stored.
 The position is a tuple of the last id read in each level stream.
 """
 
