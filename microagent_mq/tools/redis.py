@@ -34,14 +34,21 @@ from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import check_redis_db, mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
-from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
+from ..queue import Queue
+from ..transport import DeadLetter, Outgoing, QueueStats, Retained, Subscription
+from . import redis_features as features
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
+from .redis_layout import featured, layout_named, layout_of
+from .redis_level_consumer import LevelSubscription
+from .redis_level_scripts import LevelScripts
+from .redis_retained import retained
 from .redis_scripts import Scripts
 
 DELAYED_POLL_S = 0.05
 MOVE_BATCH = 1000  # delayed messages moved per queue per command; again at once while more
 REQUEUE_BATCH = 100
+TRIM_EVERY_S = 1.0  # how often a consuming broker trims the retaining queues it consumes
 # A consumer's hold on a message it fetched, renewed on a heartbeat while it lives: a crashed
 # consumer's messages go to another after this long, however long handlers may take.
 DEFAULT_VISIBILITY_S = 10.0
@@ -78,6 +85,7 @@ class RedisBroker(AbstractQueueBroker):
         self._sender = os.urandom(6).hex()
         self._publishes = itertools.count()
         self._mark_block, self._mark_key = -1, ''
+        self._next_trim = 0.0
 
     # keys -------------------------------------------------------------------------------
 
@@ -106,6 +114,7 @@ class RedisBroker(AbstractQueueBroker):
                 socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
             )
             self._scripts = Scripts(self._client)
+            self._levels = LevelScripts(self._client)
         return self._client
 
     @property
@@ -147,7 +156,8 @@ class RedisBroker(AbstractQueueBroker):
         scripts = self._lua
         message = batch[0]
         try:
-            if len(batch) == 1 and len(message.queues) == 1 and not message.delay:
+            if (len(batch) == 1 and len(message.queues) == 1 and not message.delay
+                    and not featured(Queue.get(message.queues[0]))):
                 mark, offset = self._sent_mark()
                 if message.headers is None:  # the common send
                     await self._eval(scripts.send_one, mark, self.stream_key(message.queues[0]),
@@ -161,9 +171,19 @@ class RedisBroker(AbstractQueueBroker):
                 return
             # One command, all or nothing: a copy for every target queue.
             keys, args = self._publish_args(batch)
-            await self._eval(scripts.publish, *keys, *args, keys=len(keys))
+            if keys:
+                await self._eval(scripts.publish, *keys, *args, keys=len(keys))
+            else:  # a queue with priorities, retention or a bound: checked, by level
+                await self._publish_checked(batch)
         except ERRORS as exc:  # as guard() does, without a context manager on the hot path
             raise self._unavailable(exc) from exc
+
+    async def _publish_checked(self, batch: Sequence[Outgoing]) -> None:
+        keys, args = features.checked_args(self, batch, features.layouts(self, batch))
+        try:
+            await self._eval(self._levels.publish_checked, *keys, *args, keys=len(keys))
+        except ResponseError as exc:
+            raise features.queue_full(exc) or exc from None
 
     async def _eval(self, script: Any, *keys_and_args: Any, keys: int = 2) -> Any:
         """EVALSHA straight (cheaper than redis-py's script wrapper on the send path)."""
@@ -182,9 +202,14 @@ class RedisBroker(AbstractQueueBroker):
         return self._mark_key, number & 0xFFFF
 
     def _publish_args(self, batch: Sequence[Outgoing]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order."""
-        mark, offset = self._sent_mark()
+        """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order.
+
+        Empty when the batch reaches a queue with priorities, retention or a bound.
+        """
         first = batch[0]
+        if featured(Queue.get(first.queues[0])) if first.queues else False:
+            return [], []
+        mark, offset = self._sent_mark()
         if len(first.queues) == 1 and all(m.queues == first.queues and not m.delay
                                            and m.headers is None for m in batch):
             # send_many to one queue: one record, built without a loop in Python
@@ -205,7 +230,11 @@ class RedisBroker(AbstractQueueBroker):
 
         for message in batch:
             for queue in message.queues:
-                own = records.setdefault(queue, [])
+                own = records.get(queue)
+                if own is None:
+                    if featured(Queue.get(queue)):
+                        return [], []
+                    own = records[queue] = []
                 if message.delay or message.headers is not None:
                     fields = entry_fields(message.body, message.message_id, 1, message.sent_at,
                                           message.headers)
@@ -231,7 +260,10 @@ class RedisBroker(AbstractQueueBroker):
         visibility = consumer.config.visibility_timeout or DEFAULT_VISIBILITY_S
         # A pull session names its own group member (pull.py): closing one must not
         # touch the pending entries of another consumer of this broker.
-        subscription = RedisSubscription(self, queue, float(visibility), getattr(consumer, 'member', None))
+        member = getattr(consumer, 'member', None)
+        layout = layout_of(self, consumer.queue)
+        subscription = (RedisSubscription(self, queue, float(visibility), member) if layout is None
+                        else LevelSubscription(self, layout, float(visibility), member))
         async with self.guard():
             await subscription.create_group()
         self._delayed_watch.add(queue)
@@ -248,6 +280,9 @@ class RedisBroker(AbstractQueueBroker):
                 queues = list(self._delayed_watch)
                 while queues and not self._mover_stop.is_set():
                     queues = await self._move_some(queues)  # again at once while more are due
+                if time.monotonic() >= self._next_trim:
+                    self._next_trim = time.monotonic() + TRIM_EVERY_S
+                    await self._trim()
                 if failing:
                     self.log.warning('Moving delayed messages works again')
                     failing = False
@@ -266,15 +301,40 @@ class RedisBroker(AbstractQueueBroker):
         async with self.client.pipeline(transaction=False) as pipe:
             now_ms = int(time.time() * 1000)
             for queue in queues:
+                layout = layout_named(self, queue)
+                if layout is not None and len(layout.streams) > 1:  # into each one's level
+                    await self._levels.move_due_levels(keys=[layout.delayed, layout.clock,
+                                                             *layout.streams],
+                                                       args=[now_ms, MOVE_BATCH], client=pipe)
+                    continue
                 await self._lua.move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
                                      args=[now_ms, MOVE_BATCH], client=pipe)
             moved = await pipe.execute()
         return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
 
+    async def _trim(self) -> None:
+        """Trim the retaining queues consumed here past their retention (see TRIM).
+
+        Here, not on the send path: sends stay as cheap, and trimming removes handled
+        entries only, which exist where consumers run, so where this mover runs.
+        """
+        layouts = [layout for queue in list(self._delayed_watch)
+                   if (layout := layout_named(self, queue)) is not None and layout.retaining]
+        if not layouts:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for layout in layouts:
+                await self._levels.trim(keys=list(layout.streams),
+                                        args=[GROUP, layout.retention_ms], client=pipe)
+            await pipe.execute()
+
     # inspecting ---------------------------------------------------------------------------
 
     async def _length(self, name: str, **options: Any) -> int:
         # Waiting: not pending for a consumer, or released by one, or delayed and due.
+        if (layout := layout_named(self, name)) is not None:
+            async with self.guard():
+                return await features.length(self, layout)
         async with self.guard():
             count: Any = await self._lua.length(
                 keys=[self.stream_key(name), self.delayed_key(name)],
@@ -289,6 +349,7 @@ class RedisBroker(AbstractQueueBroker):
     async def _requeue_dead_letters(self, name: str) -> int:
         """Move the dead letters present now (up to the last one now), not those added later."""
         dead, moved = self.dead_key(name), 0
+        targets, copy = self._requeue_targets(name)
         async with self.guard():
             newest: Any = await self.client.xrevrange(dead, count=1)
             if not newest:
@@ -296,16 +357,35 @@ class RedisBroker(AbstractQueueBroker):
             start: bytes | str = '-'
             while True:
                 count, last = await self._lua.requeue(
-                    keys=[dead, self.stream_key(name)],
-                    args=[start, newest[0][0], REQUEUE_BATCH], client=self.client)
+                    keys=[dead, *targets],
+                    args=[start, newest[0][0], REQUEUE_BATCH, copy], client=self.client)
                 moved += int(count)
                 if int(count) < REQUEUE_BATCH:
                     return moved
                 start = b'(' + last
 
+    def _requeue_targets(self, name: str) -> tuple[list[str], str]:
+        """The streams a dead letter of ``name`` goes back to (by level), and the field that
+        marks it a copy on a retaining queue (history lists the original send only)."""
+        layout = layout_named(self, name)
+        if layout is None:
+            return [self.stream_key(name)], ''
+        return list(layout.streams), 'again' if layout.retaining else ''
+
+    async def _retained(self, name: str, since: float | None, until: float | None,
+                        after: Any, limit: int) -> tuple[list[Retained], Any]:
+        layout = layout_named(self, name)
+        if layout is None or not layout.retaining:
+            raise self._unsupported(f'history of queue {name!r}, declared without retention')
+        async with self.guard():
+            return await retained(self, layout, since, until, after, limit)
+
     # operators' primitives (admin commands) -------------------------------------------------
 
     async def _stats(self, name: str) -> QueueStats:
+        if (layout := layout_named(self, name)) is not None:
+            async with self.guard():
+                return await features.stats(self, layout)
         async with self.guard(), self.client.pipeline(transaction=True) as pipe:
             pipe.zcard(self.delayed_key(name))
             pipe.xlen(self.dead_key(name))
@@ -324,6 +404,9 @@ class RedisBroker(AbstractQueueBroker):
     async def _purge(self, name: str) -> int:
         # What waits: stream entries nobody holds (in flight ones are pending in the group),
         # and the delayed ones. An entry read at this very moment may still be handled.
+        if (layout := layout_named(self, name)) is not None:
+            async with self.guard():
+                return await features.purge(self, layout)
         stream = self.stream_key(name)
         async with self.guard():
             held: set[bytes] = set()
@@ -354,6 +437,7 @@ class RedisBroker(AbstractQueueBroker):
 
     async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
         moved, dead = 0, self.dead_key(name)
+        targets, copy = self._requeue_targets(name)
         async with self.guard():
             entries = await self._page(dead, '-')
             while entries:
@@ -361,7 +445,7 @@ class RedisBroker(AbstractQueueBroker):
                     message_id = fields.get(b'id', b'').decode(errors='replace') or entry_id.decode()
                     if message_id in ids:  # moved by the requeue script: one entry, atomically
                         count, _ = await self._lua.requeue(
-                            keys=[dead, self.stream_key(name)], args=[entry_id, entry_id, 1],
+                            keys=[dead, *targets], args=[entry_id, entry_id, 1, copy],
                             client=self.client)
                         moved += int(count)
                 entries = await self._page(dead, '(' + entries[-1][0].decode())
