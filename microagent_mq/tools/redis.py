@@ -3,7 +3,8 @@
 Keys, for queue ``q`` and the default prefix ``mq:``: the stream ``mq:q``, its delayed
 messages in the sorted set ``mq:q:delayed`` (score: due time in ms), dead letters in the
 stream ``mq:q.dlq``, and short-lived marks ``mq:sent:...`` that make a send retried by
-redis-py after a lost reply a no-op. Entry fields: see ``redis_codec``.
+redis-py after a lost reply a no-op. Entry fields: see ``redis_codec``. On a Redis Cluster
+the queue's name is the hash tag of its keys (``mq:{q}``...; see ``redis_cluster``).
 
 Duplicates: a send or settlement retried after a lost reply is not repeated (see
 ``redis_scripts``). A message is handled twice only when its consumer stopped renewing its
@@ -17,8 +18,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 try:
     import redis.asyncio as aioredis
@@ -32,9 +33,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
-from ..dsn import check_redis_db, mask_dsn, parse_dsn
-from ..exceptions import BrokerUnavailable
+from ..dsn import check_redis_db, cluster_nodes, mask_dsn, parse_dsn
+from ..exceptions import BrokerUnavailable, QueueException
 from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
+from .redis_cluster import (
+    CLUSTER_ERRORS,
+    REDIS_CLUSTER_SCHEMES,
+    check_prefix,
+    cluster_client,
+    cluster_error,
+    tagged,
+)
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
 from .redis_scripts import Scripts
@@ -50,7 +59,8 @@ ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 @dataclass(repr=False, eq=False)
 class RedisBroker(AbstractQueueBroker):
-    """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``.
+    """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``,
+    and ``redis+cluster://host:port[,host:port...]`` (or ``cluster=True``) for a Redis Cluster.
 
     ``prefix``: prepended to every key, so applications can share a database.
     ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
@@ -66,10 +76,17 @@ class RedisBroker(AbstractQueueBroker):
     prefix: str = 'mq:'
     connect_timeout: float = 2.0
     send_retries: int = 6
+    cluster: bool = False  # implied by a redis+cluster:// DSN
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_redis_db(parse_dsn(self.dsn, ('redis', 'rediss', 'unix')), self.dsn)
+        self._parts = parse_dsn(self.dsn, ('redis', 'rediss', 'unix', *REDIS_CLUSTER_SCHEMES))
+        self.cluster = self.cluster or self._parts.scheme in REDIS_CLUSTER_SCHEMES
+        if self.cluster:
+            check_prefix(self.prefix)
+            cluster_nodes(self._parts, self.dsn)  # a bad DSN fails now, not on first use
+        else:
+            check_redis_db(self._parts, self.dsn)
         self._client: aioredis.Redis | None = None
         self._delayed_watch: set[str] = set()
         self._mover: asyncio.Task[None] | None = None
@@ -81,17 +98,20 @@ class RedisBroker(AbstractQueueBroker):
 
     # keys -------------------------------------------------------------------------------
 
+    # Every other key of a queue derives from its stream key: on a cluster they share its
+    # hash tag, so its scripts and transactions stay in one slot.
+
     def stream_key(self, queue: str) -> str:
         """The stream holding queue ``queue``."""
-        return f'{self.prefix}{queue}'
+        return tagged(self.prefix, queue) if self.cluster else f'{self.prefix}{queue}'
 
     def delayed_key(self, queue: str) -> str:
         """The sorted set of delayed messages of ``queue``."""
-        return f'{self.prefix}{queue}:delayed'
+        return f'{self.stream_key(queue)}:delayed'
 
     def dead_key(self, queue: str) -> str:
         """The stream of dead letters of ``queue``."""
-        return f'{self.prefix}{queue}.dlq'
+        return f'{self.stream_key(queue)}.dlq'
 
     # connection -------------------------------------------------------------------------
 
@@ -101,10 +121,14 @@ class RedisBroker(AbstractQueueBroker):
         if self._client is None:
             retry = RedisRetry(ExponentialWithJitterBackoff(cap=1.0, base=0.05),
                                self.send_retries)
-            self._client = aioredis.Redis.from_url(
-                self.dsn, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
-                socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
-            )
+            options: dict[str, Any] = dict(
+                retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                socket_connect_timeout=self.connect_timeout, socket_keepalive=True)
+            if self.cluster:
+                # Typed as Redis: the commands used here have the same signatures on both.
+                self._client = cast(aioredis.Redis, cluster_client(self.dsn, self._parts, **options))
+            else:
+                self._client = aioredis.Redis.from_url(self.dsn, **options)
             self._scripts = Scripts(self._client)
         return self._client
 
@@ -124,10 +148,15 @@ class RedisBroker(AbstractQueueBroker):
         """Turn 'Redis is unreachable' (after redis-py's retries) into ``BrokerUnavailable``."""
         try:
             yield
-        except ERRORS as exc:
+        except (*ERRORS, *CLUSTER_ERRORS) as exc:
             raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: Exception) -> BrokerUnavailable:
+    def _unavailable(self, exc: Exception) -> QueueException:
+        if isinstance(exc, CLUSTER_ERRORS):  # a cluster, or a plain DSN at a cluster node
+            error = cluster_error(exc, self.dsn, self.cluster)
+            if error is None:
+                raise exc
+            return error
         return BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}')
 
     async def _disconnect(self) -> None:
@@ -144,11 +173,17 @@ class RedisBroker(AbstractQueueBroker):
     # sending ----------------------------------------------------------------------------
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        if self.cluster and len(queues := dict.fromkeys(q for m in batch for q in m.queues)) != 1:
+            # One script per queue (one slot each), in turn: a failure leaves the queues
+            # before it with their copies, those after it without (docs: "Redis Cluster").
+            for queue in queues:
+                await self._publish([replace(m, queues=(queue,)) for m in batch if queue in m.queues])
+            return
         scripts = self._lua
         message = batch[0]
         try:
             if len(batch) == 1 and len(message.queues) == 1 and not message.delay:
-                mark, offset = self._sent_mark()
+                mark, offset = self._sent_mark(message.queues[0])
                 if message.headers is None:  # the common send
                     await self._eval(scripts.send_one, mark, self.stream_key(message.queues[0]),
                                      offset, message.body, message.message_id,
@@ -162,7 +197,7 @@ class RedisBroker(AbstractQueueBroker):
             # One command, all or nothing: a copy for every target queue.
             keys, args = self._publish_args(batch)
             await self._eval(scripts.publish, *keys, *args, keys=len(keys))
-        except ERRORS as exc:  # as guard() does, without a context manager on the hot path
+        except (*ERRORS, *CLUSTER_ERRORS) as exc:  # as guard(), without a context manager
             raise self._unavailable(exc) from exc
 
     async def _eval(self, script: Any, *keys_and_args: Any, keys: int = 2) -> Any:
@@ -172,19 +207,25 @@ class RedisBroker(AbstractQueueBroker):
         except NoScriptError:  # Redis restarted, or another server: load it and run it
             return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
 
-    def _sent_mark(self) -> tuple[str, int]:
-        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them."""
+    def _sent_mark(self, queue: str) -> tuple[str, int]:
+        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them.
+
+        On a cluster the mark of a publish to ``queue`` is in that queue's slot (a script's
+        keys share one), so there is a bitmap per queue as well.
+        """
         number = next(self._publishes)
         block = number >> 16
         if block != self._mark_block:
             self._mark_block = block
             self._mark_key = f'{self.prefix}sent:{self._sender}:{block:x}'
+        if self.cluster:
+            return f'{self.stream_key(queue)}:sent:{self._sender}:{block:x}', number & 0xFFFF
         return self._mark_key, number & 0xFFFF
 
     def _publish_args(self, batch: Sequence[Outgoing]) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order."""
-        mark, offset = self._sent_mark()
         first = batch[0]
+        mark, offset = self._sent_mark(first.queues[0] if first.queues else '')
         if len(first.queues) == 1 and all(m.queues == first.queues and not m.delay
                                            and m.headers is None for m in batch):
             # send_many to one queue: one record, built without a loop in Python
@@ -263,8 +304,13 @@ class RedisBroker(AbstractQueueBroker):
 
     async def _move_some(self, queues: list[str]) -> list[str]:
         """Move up to MOVE_BATCH due messages of each queue; the queues that may have more."""
+        now_ms = int(time.time() * 1000)
+        if self.cluster:  # queues in different slots: a script call each, side by side
+            moved = await asyncio.gather(*(
+                self._eval(self._lua.move_due, self.delayed_key(queue), self.stream_key(queue),
+                           now_ms, MOVE_BATCH) for queue in queues))
+            return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
         async with self.client.pipeline(transaction=False) as pipe:
-            now_ms = int(time.time() * 1000)
             for queue in queues:
                 await self._lua.move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
                                      args=[now_ms, MOVE_BATCH], client=pipe)
