@@ -157,7 +157,8 @@ class RedisBroker(AbstractQueueBroker):
             if error is None:
                 raise exc
             return error
-        return BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}')
+        server = 'Redis Cluster' if self.cluster else 'Redis'
+        return BrokerUnavailable(f'{server} at {mask_dsn(self.dsn)} is unreachable: {exc}')
 
     async def _disconnect(self) -> None:
         if self._mover is not None:
@@ -204,8 +205,8 @@ class RedisBroker(AbstractQueueBroker):
         """EVALSHA straight (cheaper than redis-py's script wrapper on the send path)."""
         try:
             return await self.client.evalsha(script.sha, keys, *keys_and_args)
-        except NoScriptError:  # Redis restarted, or another server: load it and run it
-            return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
+        except NoScriptError:  # Redis restarted, or another node: EVAL runs and caches it
+            return await self.client.eval(script.script, keys, *keys_and_args)
 
     def _sent_mark(self, queue: str) -> tuple[str, int]:
         """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them.

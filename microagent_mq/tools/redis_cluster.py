@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import SplitResult
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ClusterDownError, MovedError, RedisClusterException
+from redis.exceptions import ClusterCrossSlotError, ClusterDownError, MovedError, RedisClusterException
 
 from ..dsn import REDIS_CLUSTER_SCHEMES, cluster_nodes, mask_dsn
 from ..exceptions import BrokerUnavailable, ConfigurationError, QueueException
@@ -17,7 +17,7 @@ from ..exceptions import BrokerUnavailable, ConfigurationError, QueueException
 __all__ = ['CLUSTER_ERRORS', 'REDIS_CLUSTER_SCHEMES', 'cluster_client', 'cluster_error', 'tagged']
 
 # What a cluster (or a cluster node reached as a plain Redis) raises beyond connection errors.
-CLUSTER_ERRORS = (RedisClusterException, ClusterDownError, MovedError)
+CLUSTER_ERRORS = (RedisClusterException, ClusterDownError, MovedError, ClusterCrossSlotError)
 NOT_CLUSTER = 'Cluster mode is not enabled'  # redis-py, when CLUSTER SLOTS is refused
 UNREACHABLE = 'cannot be connected'  # redis-py, when no startup node answered
 
@@ -53,7 +53,7 @@ def cluster_error(exc: Exception, dsn: str, cluster: bool) -> QueueException | N
                                   f'(cluster_enabled:0); use redis://')
     if cluster and (UNREACHABLE in str(exc) or isinstance(exc, ClusterDownError)):
         return BrokerUnavailable(f'Redis Cluster at {mask_dsn(dsn)} is unreachable: {exc}')
-    if not cluster and isinstance(exc, MovedError):
-        return ConfigurationError(f'{mask_dsn(dsn)} is a Redis Cluster node (MOVED {exc}); '
+    if not cluster and isinstance(exc, MovedError | ClusterCrossSlotError):  # keys of one queue
+        return ConfigurationError(f'{mask_dsn(dsn)} is a Redis Cluster node ({exc}); '
                                   f'use redis+cluster://')
     return None
