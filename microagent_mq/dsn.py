@@ -74,3 +74,14 @@ def cluster_nodes(parts: SplitResult, dsn: str) -> list[tuple[str, int]]:
     if parts.path.strip('/') not in ('', '0'):
         raise InvalidDSN(f'malformed DSN {mask_dsn(dsn)!r}: a Redis Cluster has database 0 only')
     return nodes
+
+
+def cluster_startup(parts: SplitResult, dsn: str) -> tuple[str, list[tuple[str, int]]]:
+    """A cluster DSN as redis-py's ``RedisCluster.from_url`` takes it: the first node's plain
+    URL (its options kept), and the other startup nodes."""
+    (host, port), *others = cluster_nodes(parts, dsn)
+    auth = parts.netloc.rpartition('@')[0]
+    address = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'  # [::1]:7000
+    netloc = f'{auth}@{address}' if auth else address
+    first = parts._replace(scheme=parts.scheme.removesuffix('+cluster'), netloc=netloc, path='')
+    return first.geturl(), others

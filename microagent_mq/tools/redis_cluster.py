@@ -11,7 +11,7 @@ from urllib.parse import SplitResult
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterCrossSlotError, ClusterDownError, MovedError, RedisClusterException
 
-from ..dsn import REDIS_CLUSTER_SCHEMES, cluster_nodes, mask_dsn
+from ..dsn import REDIS_CLUSTER_SCHEMES, cluster_startup, mask_dsn
 from ..exceptions import BrokerUnavailable, ConfigurationError, QueueException
 
 __all__ = ['CLUSTER_ERRORS', 'REDIS_CLUSTER_SCHEMES', 'cluster_client', 'cluster_error', 'tagged']
@@ -36,13 +36,8 @@ def check_prefix(prefix: str) -> None:
 
 def cluster_client(dsn: str, parts: SplitResult, **options: Any) -> RedisCluster:
     """A ``RedisCluster`` for a ``redis+cluster://`` DSN (or a plain one, with cluster=True)."""
-    nodes = cluster_nodes(parts, dsn)
-    scheme = parts.scheme.removesuffix('+cluster')
-    auth = parts.netloc.rpartition('@')[0]
-    host, port = nodes[0]
-    first = parts._replace(scheme=scheme, netloc=f'{auth}@{host}:{port}' if auth else f'{host}:{port}',
-                           path='')
-    return RedisCluster.from_url(first.geturl(), startup_nodes=[ClusterNode(h, p) for h, p in nodes[1:]],
+    first, others = cluster_startup(parts, dsn)
+    return RedisCluster.from_url(first, startup_nodes=[ClusterNode(h, p) for h, p in others],
                                  **options)
 
 
