@@ -71,6 +71,7 @@ def test_single_node_keys_are_as_before_and_cluster_keys_share_one_hash_tag() ->
     ('redis+cluster://a:7000,', {}, InvalidDSN),
     ('redis+cluster://a:7000/1', {}, InvalidDSN),  # a cluster has database 0 only
     ('redis+cluster://a:7000', {'prefix': 'app{x}:'}, ConfigurationError),  # would be the tag
+    ('unix:///tmp/redis.sock', {'cluster': True}, ConfigurationError),
 ])
 def test_bad_cluster_settings_fail_at_construction(dsn: str, options: dict[str, Any],
                                                    error: type[Exception]) -> None:

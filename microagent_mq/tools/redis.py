@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import check_redis_db, cluster_nodes, mask_dsn, parse_dsn
-from ..exceptions import BrokerUnavailable, QueueException
+from ..exceptions import BrokerUnavailable, ConfigurationError, QueueException
 from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
 from .redis_cluster import (
     CLUSTER_ERRORS,
@@ -83,6 +83,9 @@ class RedisBroker(AbstractQueueBroker):
         self._parts = parse_dsn(self.dsn, ('redis', 'rediss', 'unix', *REDIS_CLUSTER_SCHEMES))
         self.cluster = self.cluster or self._parts.scheme in REDIS_CLUSTER_SCHEMES
         if self.cluster:
+            if self._parts.scheme == 'unix':
+                raise ConfigurationError('a Redis Cluster is reached over TCP: use '
+                                         'redis+cluster://host:port, not unix://')
             check_prefix(self.prefix)
             cluster_nodes(self._parts, self.dsn)  # a bad DSN fails now, not on first use
         else:
