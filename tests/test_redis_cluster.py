@@ -3,6 +3,7 @@
 The contract and crash suites run on the cluster too (broker kind ``redis_cluster``).
 """
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,17 @@ async def test_a_send_run_twice_is_stored_once(cluster_broker: RedisBroker,
         await cluster_broker.send(name, {'n': 1})
         await cluster_broker.send_many(name, [{'n': 2}, {'n': 3}])
     assert await cluster_broker.queue_length(name) == 1  # the mark guards every script
+
+
+async def test_more_blocking_reads_than_redis_py_default_pool_on_one_node(
+        cluster_broker: RedisBroker) -> None:
+    # A broker consuming many queues holds a connection per queue in a blocking read.
+    client: Any = cluster_broker.client
+    stream = cluster_broker.stream_key(Queue(unique()).name)
+    await client.xgroup_create(stream, 'g', id='0', mkstream=True)
+    replies = await asyncio.gather(*(client.xreadgroup('g', f'c{i}', {stream: '>'}, block=300)
+                                     for i in range(120)))
+    assert replies == [[] for _ in range(120)]
 
 
 # clear errors -------------------------------------------------------------------------------

@@ -129,7 +129,10 @@ class RedisBroker(AbstractQueueBroker):
                 socket_connect_timeout=self.connect_timeout, socket_keepalive=True)
             if self.cluster:
                 # Typed as Redis: the commands used here have the same signatures on both.
-                self._client = cast(aioredis.Redis, cluster_client(self.dsn, self._parts, **options))
+                # Connections per node unbounded, as on a single Redis (RedisCluster's default
+                # is 100): each consuming queue holds one in a blocking read.
+                self._client = cast(aioredis.Redis, cluster_client(
+                    self.dsn, self._parts, max_connections=2**31, **options))
             else:
                 self._client = aioredis.Redis.from_url(self.dsn, **options)
             self._scripts = Scripts(self._client)
