@@ -3,7 +3,8 @@
 Keys, for queue ``q`` and the default prefix ``mq:``: the stream ``mq:q``, its delayed
 messages in the sorted set ``mq:q:delayed`` (score: due time in ms), dead letters in the
 stream ``mq:q.dlq``, and short-lived marks ``mq:sent:...`` that make a send retried by
-redis-py after a lost reply a no-op. Entry fields: see ``redis_codec``.
+redis-py after a lost reply a no-op. Entry fields: see ``redis_codec``. On a Redis Cluster
+the queue's name is the hash tag of its keys (``mq:{q}``...; see ``redis_cluster``).
 
 Duplicates: a send or settlement retried after a lost reply is not repeated (see
 ``redis_scripts``). A message is handled twice only when its consumer stopped renewing its
@@ -17,8 +18,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 try:
     import redis.asyncio as aioredis
@@ -32,14 +33,21 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
-from ..dsn import check_redis_db, mask_dsn, parse_dsn
-from ..exceptions import BrokerUnavailable
-from ..queue import Queue
+from ..dsn import check_redis_db, cluster_nodes, mask_dsn, parse_dsn
+from ..exceptions import BrokerUnavailable, ConfigurationError, QueueException
 from ..transport import DeadLetter, Outgoing, QueueStats, Retained, Subscription
 from . import redis_features as features
+from .redis_cluster import (
+    CLUSTER_ERRORS,
+    REDIS_CLUSTER_SCHEMES,
+    check_prefix,
+    cluster_client,
+    cluster_error,
+    tagged,
+)
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
-from .redis_layout import featured, layout_named, layout_of
+from .redis_layout import featured_name, layout_named, layout_of
 from .redis_level_consumer import LevelSubscription
 from .redis_level_scripts import LevelScripts
 from .redis_retained import retained
@@ -57,7 +65,8 @@ ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 @dataclass(repr=False, eq=False)
 class RedisBroker(AbstractQueueBroker):
-    """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``.
+    """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``,
+    and ``redis+cluster://host:port[,host:port...]`` (or ``cluster=True``) for a Redis Cluster.
 
     ``prefix``: prepended to every key, so applications can share a database.
     ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
@@ -73,10 +82,20 @@ class RedisBroker(AbstractQueueBroker):
     prefix: str = 'mq:'
     connect_timeout: float = 2.0
     send_retries: int = 6
+    cluster: bool = False  # implied by a redis+cluster:// DSN
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_redis_db(parse_dsn(self.dsn, ('redis', 'rediss', 'unix')), self.dsn)
+        self._parts = parse_dsn(self.dsn, ('redis', 'rediss', 'unix', *REDIS_CLUSTER_SCHEMES))
+        self.cluster = self.cluster or self._parts.scheme in REDIS_CLUSTER_SCHEMES
+        if self.cluster:
+            if self._parts.scheme == 'unix':
+                raise ConfigurationError('a Redis Cluster is reached over TCP: use '
+                                         'redis+cluster://host:port, not unix://')
+            check_prefix(self.prefix)
+            cluster_nodes(self._parts, self.dsn)  # a bad DSN fails now, not on first use
+        else:
+            check_redis_db(self._parts, self.dsn)
         self._client: aioredis.Redis | None = None
         self._delayed_watch: set[str] = set()
         self._mover: asyncio.Task[None] | None = None
@@ -89,17 +108,20 @@ class RedisBroker(AbstractQueueBroker):
 
     # keys -------------------------------------------------------------------------------
 
+    # Every other key of a queue derives from its stream key: on a cluster they share its
+    # hash tag, so its scripts and transactions stay in one slot.
+
     def stream_key(self, queue: str) -> str:
         """The stream holding queue ``queue``."""
-        return f'{self.prefix}{queue}'
+        return tagged(self.prefix, queue) if self.cluster else f'{self.prefix}{queue}'
 
     def delayed_key(self, queue: str) -> str:
         """The sorted set of delayed messages of ``queue``."""
-        return f'{self.prefix}{queue}:delayed'
+        return f'{self.stream_key(queue)}:delayed'
 
     def dead_key(self, queue: str) -> str:
         """The stream of dead letters of ``queue``."""
-        return f'{self.prefix}{queue}.dlq'
+        return f'{self.stream_key(queue)}.dlq'
 
     # connection -------------------------------------------------------------------------
 
@@ -109,10 +131,17 @@ class RedisBroker(AbstractQueueBroker):
         if self._client is None:
             retry = RedisRetry(ExponentialWithJitterBackoff(cap=1.0, base=0.05),
                                self.send_retries)
-            self._client = aioredis.Redis.from_url(
-                self.dsn, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
-                socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
-            )
+            options: dict[str, Any] = dict(
+                retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                socket_connect_timeout=self.connect_timeout, socket_keepalive=True)
+            if self.cluster:
+                # Typed as Redis: the commands used here have the same signatures on both.
+                # Connections per node unbounded, as on a single Redis (RedisCluster's default
+                # is 100): each consuming queue holds one in a blocking read.
+                self._client = cast(aioredis.Redis, cluster_client(
+                    self.dsn, self._parts, max_connections=2**31, **options))
+            else:
+                self._client = aioredis.Redis.from_url(self.dsn, **options)
             self._scripts = Scripts(self._client)
             self._levels = LevelScripts(self._client)
         return self._client
@@ -133,11 +162,17 @@ class RedisBroker(AbstractQueueBroker):
         """Turn 'Redis is unreachable' (after redis-py's retries) into ``BrokerUnavailable``."""
         try:
             yield
-        except ERRORS as exc:
+        except (*ERRORS, *CLUSTER_ERRORS) as exc:
             raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: Exception) -> BrokerUnavailable:
-        return BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}')
+    def _unavailable(self, exc: Exception) -> QueueException:
+        if isinstance(exc, CLUSTER_ERRORS):  # a cluster, or a plain DSN at a cluster node
+            error = cluster_error(exc, self.dsn, self.cluster)
+            if error is None:
+                raise exc
+            return error
+        server = 'Redis Cluster' if self.cluster else 'Redis'
+        return BrokerUnavailable(f'{server} at {mask_dsn(self.dsn)} is unreachable: {exc}')
 
     async def _disconnect(self) -> None:
         if self._mover is not None:
@@ -153,12 +188,18 @@ class RedisBroker(AbstractQueueBroker):
     # sending ----------------------------------------------------------------------------
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        if self.cluster and len(queues := dict.fromkeys(q for m in batch for q in m.queues)) != 1:
+            # One script per queue (one slot each), in turn: a failure leaves the queues
+            # before it with their copies, those after it without (docs: "Redis Cluster").
+            for queue in queues:
+                await self._publish([replace(m, queues=(queue,)) for m in batch if queue in m.queues])
+            return
         scripts = self._lua
         message = batch[0]
         try:
             if (len(batch) == 1 and len(message.queues) == 1 and not message.delay
-                    and not featured(Queue.get(message.queues[0]))):
-                mark, offset = self._sent_mark()
+                    and not featured_name(message.queues[0])):
+                mark, offset = self._sent_mark(message.queues[0])
                 if message.headers is None:  # the common send
                     await self._eval(scripts.send_one, mark, self.stream_key(message.queues[0]),
                                      offset, message.body, message.message_id,
@@ -175,7 +216,7 @@ class RedisBroker(AbstractQueueBroker):
                 await self._eval(scripts.publish, *keys, *args, keys=len(keys))
             else:  # a queue with priorities, retention or a bound: checked, by level
                 await self._publish_checked(batch)
-        except ERRORS as exc:  # as guard() does, without a context manager on the hot path
+        except (*ERRORS, *CLUSTER_ERRORS) as exc:  # as guard(), without a context manager
             raise self._unavailable(exc) from exc
 
     async def _publish_checked(self, batch: Sequence[Outgoing]) -> None:
@@ -189,16 +230,22 @@ class RedisBroker(AbstractQueueBroker):
         """EVALSHA straight (cheaper than redis-py's script wrapper on the send path)."""
         try:
             return await self.client.evalsha(script.sha, keys, *keys_and_args)
-        except NoScriptError:  # Redis restarted, or another server: load it and run it
-            return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
+        except NoScriptError:  # Redis restarted, or another node: EVAL runs and caches it
+            return await self.client.eval(script.script, keys, *keys_and_args)
 
-    def _sent_mark(self) -> tuple[str, int]:
-        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them."""
+    def _sent_mark(self, queue: str) -> tuple[str, int]:
+        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them.
+
+        On a cluster the mark of a publish to ``queue`` is in that queue's slot (a script's
+        keys share one), so there is a bitmap per queue as well.
+        """
         number = next(self._publishes)
         block = number >> 16
         if block != self._mark_block:
             self._mark_block = block
             self._mark_key = f'{self.prefix}sent:{self._sender}:{block:x}'
+        if self.cluster:
+            return f'{self.stream_key(queue)}:sent:{self._sender}:{block:x}', number & 0xFFFF
         return self._mark_key, number & 0xFFFF
 
     def _publish_args(self, batch: Sequence[Outgoing]) -> tuple[list[str], list[Any]]:
@@ -207,9 +254,9 @@ class RedisBroker(AbstractQueueBroker):
         Empty when the batch reaches a queue with priorities, retention or a bound.
         """
         first = batch[0]
-        if featured(Queue.get(first.queues[0])) if first.queues else False:
+        if first.queues and featured_name(first.queues[0]):
             return [], []
-        mark, offset = self._sent_mark()
+        mark, offset = self._sent_mark(first.queues[0] if first.queues else '')
         if len(first.queues) == 1 and all(m.queues == first.queues and not m.delay
                                            and m.headers is None for m in batch):
             # send_many to one queue: one record, built without a loop in Python
@@ -232,7 +279,7 @@ class RedisBroker(AbstractQueueBroker):
             for queue in message.queues:
                 own = records.get(queue)
                 if own is None:
-                    if featured(Queue.get(queue)):
+                    if featured_name(queue):
                         return [], []
                     own = records[queue] = []
                 if message.delay or message.headers is not None:
@@ -296,10 +343,23 @@ class RedisBroker(AbstractQueueBroker):
             except TimeoutError:
                 pass
 
+    async def _move_due(self, queue: str, now_ms: int) -> Any:
+        """One queue's move, as a call of its own (on a cluster: in the queue's slot)."""
+        layout = layout_named(self, queue)
+        if layout is not None and len(layout.streams) > 1:  # into each one's level
+            keys = [layout.delayed, layout.clock, *layout.streams]
+            return await self._eval(self._levels.move_due_levels, *keys, now_ms, MOVE_BATCH,
+                                    keys=len(keys))
+        return await self._eval(self._lua.move_due, self.delayed_key(queue), self.stream_key(queue),
+                                now_ms, MOVE_BATCH)
+
     async def _move_some(self, queues: list[str]) -> list[str]:
         """Move up to MOVE_BATCH due messages of each queue; the queues that may have more."""
+        now_ms = int(time.time() * 1000)
+        if self.cluster:  # queues in different slots: a script call each, side by side
+            moved = await asyncio.gather(*(self._move_due(queue, now_ms) for queue in queues))
+            return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
         async with self.client.pipeline(transaction=False) as pipe:
-            now_ms = int(time.time() * 1000)
             for queue in queues:
                 layout = layout_named(self, queue)
                 if layout is not None and len(layout.streams) > 1:  # into each one's level
@@ -321,6 +381,11 @@ class RedisBroker(AbstractQueueBroker):
         layouts = [layout for queue in list(self._delayed_watch)
                    if (layout := layout_named(self, queue)) is not None and layout.retaining]
         if not layouts:
+            return
+        if self.cluster:  # a cluster pipeline runs no scripts: a call each, side by side
+            await asyncio.gather(*(self._levels.trim(keys=list(layout.streams),
+                                                     args=[GROUP, layout.retention_ms])
+                                   for layout in layouts))
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for layout in layouts:

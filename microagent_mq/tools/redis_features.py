@@ -39,7 +39,9 @@ def layouts(broker: 'RedisBroker', batch: Sequence[Outgoing]) -> dict[str, Layou
 def checked_args(broker: 'RedisBroker', batch: Sequence[Outgoing],
                  found: dict[str, Layout | None]) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of ``PUBLISH_CHECKED`` for ``batch``; each queue's messages keep their order."""
-    mark, offset = broker._sent_mark()
+    first = batch[0]
+    # on a cluster the batch has one queue (RedisBroker._publish splits it): the mark is in its slot
+    mark, offset = broker._sent_mark(first.queues[0] if first.queues else '')
     keys = [mark]
     index: dict[str, int] = {}
 

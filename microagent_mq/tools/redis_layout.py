@@ -54,6 +54,14 @@ def featured(queue: Queue) -> bool:
     return bool(queue.max_priority or queue.max_length or queue.retention)
 
 
+def featured_name(name: str) -> bool:
+    """``featured`` for the queue declared as ``name``; False for one this process never declared."""
+    try:
+        return featured(Queue.get(name))
+    except QueueNotFound:
+        return False
+
+
 def layout_of(broker: 'RedisBroker', queue: Queue) -> Layout | None:
     """The layout of ``queue`` on ``broker``; None for a plain queue."""
     if not featured(queue):

@@ -61,10 +61,17 @@ class LevelSubscription(RedisSubscription):
         keys = [layout.delayed, *([layout.clock] if layout.clock else []), *self._highest]
         args = [GROUP, self._name, max_count, int(time.time() * 1000), int(bool(layout.clock)),
                 MOVE_BATCH]
-        async with client.pipeline(transaction=False) as pipe:
-            self._queue_acks(pipe, acks)
-            await fetch(keys=keys, args=args, client=pipe)
-            reply = (await pipe.execute())[-1]
+        if self._broker.cluster:  # a cluster pipeline runs no scripts: the acks, then the read
+            if acks:
+                async with client.pipeline(transaction=False) as pipe:
+                    self._queue_acks(pipe, acks)
+                    await pipe.execute()
+            reply = await fetch(keys=keys, args=args, client=client)
+        else:
+            async with client.pipeline(transaction=False) as pipe:
+                self._queue_acks(pipe, acks)
+                await fetch(keys=keys, args=args, client=pipe)
+                reply = (await pipe.execute())[-1]
         if reply[0] == 1 or block is None:
             return reply
         # Nothing waits: block until an entry comes to any level (XREAD from where the group
@@ -117,11 +124,8 @@ class LevelSubscription(RedisSubscription):
         tidy = time.monotonic() >= self._next_tidy
         if tidy:
             self._next_tidy = time.monotonic() + TIDY_EVERY_S
-            async with self._broker.client.pipeline(transaction=False) as pipe:
-                for stream in self._streams:
-                    await self._scripts.tidy(keys=[stream], args=[GROUP, self._tidy_idle_ms],
-                                             client=pipe)
-                await pipe.execute()
+            for stream in self._streams:  # rare (a minute apart): no pipeline, also on a cluster
+                await self._scripts.tidy(keys=[stream], args=[GROUP, self._tidy_idle_ms])
         reply: Any = await self._level_scripts.claim_levels(
             keys=self._highest,
             args=[GROUP, self._name, self._visibility_ms, max_count, RELEASED_IDLE_MS // 2])

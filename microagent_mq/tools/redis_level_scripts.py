@@ -7,7 +7,7 @@ plus entries released by a consumer (pending, idle for ages), plus delayed ones 
 
 from typing import Any
 
-from .redis_scripts import _FIRST_TIME, RECORDS
+from .redis_scripts import _FIRST_TIME, RECORDS, Script
 
 _WAITING = """
 local function group_info(stream, group)
@@ -300,9 +300,9 @@ class LevelScripts:
     """These scripts, registered on one client."""
 
     def __init__(self, client: Any) -> None:
-        self.publish_checked = client.register_script(PUBLISH_CHECKED)
-        self.move_due_levels = client.register_script(MOVE_DUE_LEVELS)
-        self.length_levels = client.register_script(LENGTH_LEVELS)
-        self.trim = client.register_script(TRIM)
-        self.fetch_levels = client.register_script(FETCH_LEVELS)
-        self.claim_levels = client.register_script(CLAIM_LEVELS)
+        self.publish_checked = Script(client, PUBLISH_CHECKED)
+        self.move_due_levels = Script(client, MOVE_DUE_LEVELS)
+        self.length_levels = Script(client, LENGTH_LEVELS)
+        self.trim = Script(client, TRIM)
+        self.fetch_levels = Script(client, FETCH_LEVELS)
+        self.claim_levels = Script(client, CLAIM_LEVELS)

@@ -5,7 +5,11 @@ only the reply was lost. Every write here is therefore idempotent: a send checks
 mark first, a settlement acts only on an entry still pending for its consumer.
 """
 
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 SENT_MARK_TTL_S = 300  # far beyond redis-py's retries of one send
 
@@ -241,19 +245,43 @@ return gone
 """
 
 
+class Script:
+    """A script run by its SHA; one the server does not know yet is run (and so cached) by EVAL.
+
+    Not redis-py's fallback, SCRIPT LOAD: on a cluster that goes to every master, so one dead
+    master would fail the scripts of queues on the live ones.
+    """
+
+    def __init__(self, client: Any, text: str) -> None:
+        self._registered = client.register_script(text)  # pipelines load it before they run
+        self._client = client
+        self.script = text
+        self.sha: str = self._registered.sha
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Iterable[Any] = (),
+                       client: Any = None) -> Any:
+        if isinstance(client, Pipeline):
+            return await self._registered(keys=keys, args=args, client=client)
+        client = client or self._client
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.script, len(keys), *keys, *args)
+
+
 class Scripts:
-    """Every script, registered on one client (redis-py loads them on first use)."""
+    """Every script, registered on one client (cached by the server on first use)."""
 
     def __init__(self, client: Any) -> None:
-        self.send_one = client.register_script(SEND_ONE)
-        self.send_one_headers = client.register_script(SEND_ONE_HEADERS)
-        self.publish = client.register_script(PUBLISH)
-        self.settle = client.register_script(SETTLE)
-        self.settle_keep = client.register_script(SETTLE_KEEP)
-        self.renew = client.register_script(RENEW)
-        self.release = client.register_script(RELEASE)
-        self.claim = client.register_script(CLAIM)
-        self.move_due = client.register_script(MOVE_DUE)
-        self.length = client.register_script(LENGTH)
-        self.requeue = client.register_script(REQUEUE)
-        self.tidy = client.register_script(TIDY)
+        self.send_one = Script(client, SEND_ONE)
+        self.send_one_headers = Script(client, SEND_ONE_HEADERS)
+        self.publish = Script(client, PUBLISH)
+        self.settle = Script(client, SETTLE)
+        self.settle_keep = Script(client, SETTLE_KEEP)
+        self.renew = Script(client, RENEW)
+        self.release = Script(client, RELEASE)
+        self.claim = Script(client, CLAIM)
+        self.move_due = Script(client, MOVE_DUE)
+        self.length = Script(client, LENGTH)
+        self.requeue = Script(client, REQUEUE)
+        self.tidy = Script(client, TIDY)
