@@ -26,8 +26,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
-from ..exceptions import BrokerUnavailable, ConfigurationError
-from ..transport import DeadLetter, Outgoing, Subscription
+from ..exceptions import BrokerUnavailable, ConfigurationError, QueueFull
+from ..transport import DeadLetter, Outgoing, Retained, Subscription
 from .nats_codec import (
     ATTEMPTS,
     CONSUMER,
@@ -43,8 +43,11 @@ from .nats_codec import (
 )
 from .nats_consumer import NATSSubscription
 from .nats_delayed import DelayedMover
+from .nats_options import PlannedSend, QueuePlan, full, is_full, plan_of
+from .nats_retained import retained
 
 ERRORS = (nats.errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
+STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 DUPLICATE_WINDOW_S = 120.0  # a send retried within this is stored once (Nats-Msg-Id)
 FREE_MAX_AGE_S = 30 * 24 * 3600.0  # free-delivery records of messages never settled expire
 # nats-py's publish_async futures have no timeout: acks lost with a connection never come.
@@ -75,6 +78,7 @@ class NATSBroker(AbstractQueueBroker):
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
         self._streams: set[str] = set()
+        self._plans: dict[str, QueuePlan | None] = {}  # queue options (nats_options), per queue
         self._mover = DelayedMover(self)
 
     # connection ---------------------------------------------------------------------------
@@ -130,23 +134,54 @@ class NATSBroker(AbstractQueueBroker):
     # declarations -------------------------------------------------------------------------
 
     async def ensure_stream(self, name: str, subject: str, work_queue: bool = True,
-                            max_age: float | None = None) -> None:
-        """Create stream ``name`` capturing ``subject`` unless this broker did already."""
+                            max_age: float | None = None, **limits: Any) -> None:
+        """Create stream ``name`` capturing ``subject`` unless this broker did already.
+
+        ``limits``: more ``StreamConfig`` fields (``max_msgs``, ``discard``). A stream that
+        exists with another configuration is refused, never changed: lowering its limits
+        would drop messages.
+        """
         if name in self._streams:
             return
         js = await self.jetstream()
         retention = api.RetentionPolicy.WORK_QUEUE if work_queue else api.RetentionPolicy.LIMITS
-        await js.add_stream(api.StreamConfig(
-            name=name, subjects=[subject], retention=retention, storage=api.StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW_S, max_age=max_age))
+        window = min(DUPLICATE_WINDOW_S, max_age) if max_age else DUPLICATE_WINDOW_S
+        try:
+            await js.add_stream(api.StreamConfig(
+                name=name, subjects=[subject], retention=retention, storage=api.StorageType.FILE,
+                duplicate_window=window, max_age=max_age, **limits))
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_EXISTS:
+                raise
+            raise ConfigurationError(f'NATS stream {name} exists with other options (the queue was '
+                                     f'declared differently): edit or delete it to match') from None
         self._streams.add(name)
 
     def forget_stream(self, name: str) -> None:
         """Declare stream ``name`` again on next use (it may have been deleted)."""
         self._streams.discard(name)
 
+    def plan(self, queue: str) -> QueuePlan | None:
+        """What ``queue``'s options need (None: a plain queue); raises for priorities."""
+        try:
+            return self._plans[queue]
+        except KeyError:
+            plan = self._plans[queue] = plan_of(queue)
+            return plan
+
     async def ensure_queue(self, queue: str) -> None:
-        await self.ensure_stream(self.names.stream(queue), self.names.subject(queue))
+        plan = self.plan(queue)
+        if plan is None or not plan.max_length:
+            await self.ensure_stream(self.names.stream(queue), self.names.subject(queue))
+        else:
+            discard = api.DiscardPolicy.NEW if plan.reject else api.DiscardPolicy.OLD
+            await self.ensure_stream(self.names.stream(queue), self.names.subject(queue),
+                                     max_msgs=plan.max_length, discard=discard)
+
+    async def ensure_journal(self, plan: QueuePlan) -> None:
+        names = self.names
+        await self.ensure_stream(names.journal_stream(plan.queue), names.journal_subject(plan.queue),
+                                 work_queue=False, max_age=plan.retention_s)
 
     async def ensure_free(self, queue: str) -> None:
         await self.ensure_stream(self.names.free_stream(queue), self.names.free_subject(queue, '*'),
@@ -182,9 +217,15 @@ class NATSBroker(AbstractQueueBroker):
         js = await self.jetstream()
         acks: list[Awaitable[Any]] = []
         single = len(batch) == 1 and len(batch[0].queues) == 1
+        planned: PlannedSend | None = None
         for message in batch:
             headers = message_headers(message.message_id, message.sent_at, message.headers)
             for queue in message.queues:
+                plan = self.plan(queue)
+                if plan is not None:  # a queue with options: its own path (nats_options)
+                    planned = planned or PlannedSend(self, js, batch, acks)
+                    await self._store_planned(planned, plan, message, headers, acks)
+                    continue
                 if message.delay > 0:
                     stream = self.names.delayed_stream(queue)
                     await self.ensure_stream(stream, self.names.delayed_subject(queue))
@@ -200,6 +241,18 @@ class NATSBroker(AbstractQueueBroker):
         if acks:  # every store acknowledged together: one wait for the batch, bounded
             # (a timeout is retried whole by _publish, de-duplicated by Nats-Msg-Id)
             await asyncio.wait_for(asyncio.gather(*acks), BATCH_ACK_TIMEOUT_S)
+
+    async def _store_planned(self, planned: PlannedSend, plan: QueuePlan, message: Outgoing,
+                             headers: dict[str, str], acks: list[Awaitable[Any]]) -> None:
+        delayed = None
+        if message.delay > 0:
+            delayed = {**headers, DUE: str(int((time.time() + message.delay) * 1000))}
+        try:
+            await planned.store(plan, message, headers, delayed)
+        except QueueFull:
+            if acks:  # what was sent before the refused one is stored: wait for it, then say so
+                await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), BATCH_ACK_TIMEOUT_S)
+            raise
 
     # consuming ----------------------------------------------------------------------------
 
@@ -279,11 +332,22 @@ class NATSBroker(AbstractQueueBroker):
         moved = 0
         async for seq, msg in self._dlq_messages(name, last):
             message_id = message_id_of(msg.headers, f'dlq-{seq}')
-            await js.publish(self.names.subject(name), msg.data or b'',
-                             headers=copy_headers(msg.headers, f'{message_id}~requeued-{seq}', message_id))
+            headers = copy_headers(msg.headers, f'{message_id}~requeued-{seq}', message_id)
+            try:
+                await js.publish(self.names.subject(name), msg.data or b'', headers=headers)
+            except nats.js.errors.APIError as exc:
+                plan = self.plan(name)
+                if plan is None or not is_full(exc):
+                    raise
+                raise full(plan, f'{moved} dead letter(s) requeued, the others stay dead letters') from None
             await js.delete_msg(self.names.dlq_stream(name), seq)
             moved += 1
         return moved
+
+
+    async def _retained(self, name: str, since: float | None, until: float | None,
+                        after: Any, limit: int) -> tuple[list[Retained], Any]:
+        return await retained(self, name, since, until, after, limit)
 
 
 def _dead_letter(queue: str, msg: Any, seq: int) -> DeadLetter:
