@@ -50,11 +50,8 @@ async def test_each_option_is_its_stream_configuration(broker: Any) -> None:
     for queue in (plain, kept, reject, drop):
         await broker.send(queue.name, {'n': 1})
     configs = {q.name: (await _stream(broker, q.name)).config for q in (plain, kept, reject, drop)}
-    for config in configs.values():  # every queue stays a work queue: handled means gone
-        assert config.retention == api.RetentionPolicy.WORK_QUEUE and not config.max_age
-    assert (configs[plain.name].max_msgs, configs[kept.name].max_msgs) == (-1, -1)
-    assert (configs[reject.name].max_msgs, configs[reject.name].discard) == (5, api.DiscardPolicy.NEW)
-    assert (configs[drop.name].max_msgs, configs[drop.name].discard) == (7, api.DiscardPolicy.OLD)
+    for config in configs.values():  # the same work queue: handled means gone, nothing trimmed
+        assert (config.retention, config.max_age, config.max_msgs) == (api.RetentionPolicy.WORK_QUEUE, 0, -1)
     journal = (await _stream(broker, f'{kept.name}-journal')).config
     assert (journal.retention, journal.max_age, journal.subjects) == (
         api.RetentionPolicy.LIMITS, 90, [f'{broker.prefix}.{kept.name}.journal'])
@@ -162,22 +159,24 @@ async def test_drop_oldest_keeps_the_newest(broker: Any) -> None:
 
 async def test_a_due_delayed_message_waits_for_room_in_a_full_queue(broker: Any) -> None:
     queue, calls, go = Queue(unique(), max_length=1), Calls(), asyncio.Event()
-    await broker.send(queue.name, {'n': 1})
-    due = time.time() + 0.2
-    await broker.send(queue.name, {'n': 2}, delay=0.2)  # delayed: not counted until due
 
     async def handler(n: int) -> None:
         calls.add({'n': n})
         if n == 1:
-            await go.wait()  # held: the stream stays full past the delayed one's due time
+            await go.wait()  # held while 2 waits: the queue stays full past 3's due time
 
-    await start(broker, queue, handler)
+    await start(broker, queue, handler, concurrency=1, prefetch=0)
+    await broker.send(queue.name, {'n': 1})
     await calls.wait_for(1)
+    await broker.send(queue.name, {'n': 2})
+    due = time.time() + 0.2
+    await broker.send(queue.name, {'n': 3}, delay=0.2)  # delayed: not counted until due
     await wait_until(lambda: time.time() > due + 1.5, what='past due and a mover round')
     assert await _held(broker, f'{queue.name}-delayed') == 1  # refused, kept: not dropped
+    assert await broker.queue_length(queue.name) == 1
     go.set()
     # Tried again each second: a mover that left it to its 30 s ack_wait fails this.
-    assert await calls.wait_for(2, timeout_s=10) == [{'n': 1}, {'n': 2}]
+    assert await calls.wait_for(3, timeout_s=10) == [{'n': 1}, {'n': 2}, {'n': 3}]
 
 
 async def test_requeue_into_a_full_queue_raises_and_keeps_the_letters(broker: Any) -> None:
@@ -215,16 +214,63 @@ async def test_priorities_are_refused_at_send_and_subscribe(broker: Any) -> None
     assert await _stream_names(broker) == set()  # nothing was declared, nothing stored
 
 
-async def test_a_stream_declared_with_other_options_is_refused_not_changed(broker: Any) -> None:
+async def test_a_journal_follows_a_changed_retention_and_keeps_its_history(broker: Any) -> None:
+    first = Queue(unique(), retention='1h')
+    await broker.send(first.name, {'n': 1})
+    Queue.reset()  # as a new deployment declaring it again
+    queue = Queue(first.name, retention='2h')
+    other = type(broker)(broker.dsn, prefix=broker.prefix)
+    try:
+        await other.send(queue.name, {'n': 2})
+        assert (await _stream(broker, f'{queue.name}-journal')).config.max_age == 7200
+        assert [e.data for e in await other.history(queue.name)] == [{'n': 1}, {'n': 2}]
+    finally:
+        await other.close()
+
+
+async def test_a_queue_stream_made_differently_by_someone_else_is_refused(broker: Any) -> None:
     from nats.js import api
 
-    queue = Queue(unique(), max_length=3)
-    js = await broker.jetstream()  # as a plain queue declared it earlier, holding 5 messages
-    await js.add_stream(api.StreamConfig(
-        name=f'{broker.prefix}-{queue.name}', subjects=[f'{broker.prefix}.{queue.name}'],
-        retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE, duplicate_window=120))
-    for n in range(5):
-        await js.publish(f'{broker.prefix}.{queue.name}', b'{"n": %d}' % n)
-    with pytest.raises(ConfigurationError, match='exists with other options'):
+    queue = Queue(unique())
+    js = await broker.jetstream()
+    await js.add_stream(api.StreamConfig(name=f'{broker.prefix}-{queue.name}',
+                                         subjects=[f'{broker.prefix}.{queue.name}'], max_msgs=3))
+    with pytest.raises(ConfigurationError, match='exists with another configuration'):
         await broker.send(queue.name, {'n': 5})
-    assert await _held(broker, queue.name) == 5  # not trimmed to the new max_length
+
+
+async def test_messages_being_handled_do_not_count_and_are_never_dropped(broker: Any) -> None:
+    kept, dropping = Queue(unique(), max_length=1), Queue(unique(), max_length=1, overflow='drop_oldest')
+    gates = {kept.name: asyncio.Event(), dropping.name: asyncio.Event()}
+    calls = {kept.name: Calls(), dropping.name: Calls()}
+    for queue in (kept, dropping):
+        async def handler(n: int, _q: str = queue.name) -> None:
+            calls[_q].add({'n': n})
+            if n == 1:
+                await gates[_q].wait()
+
+        await broker.send(queue.name, {'n': 1})
+        await start(broker, queue, handler, concurrency=1, prefetch=0)
+        await calls[queue.name].wait_for(1)  # 1 is being handled: the queue has room
+        await broker.send(queue.name, {'n': 2})
+    with pytest.raises(QueueFull):
+        await broker.send(kept.name, {'n': 3})
+    await broker.send(dropping.name, {'n': 3})  # drops 2, the oldest waiting, not 1
+    for gate in gates.values():
+        gate.set()
+    assert await calls[kept.name].wait_for(2) == [{'n': 1}, {'n': 2}]
+    assert await calls[dropping.name].wait_for(2) == [{'n': 1}, {'n': 3}]
+
+
+async def test_two_brokers_sending_at_once_never_exceed_the_bound(broker: Any) -> None:
+    queue = Queue(unique(), max_length=5)
+    other = type(broker)(broker.dsn, prefix=broker.prefix)
+    await broker.send(queue.name, {'n': 0})  # each broker has read the count once...
+    await other.send(queue.name, {'n': 1})  # ...and then the other one sent: 2 waiting
+    try:
+        results = await asyncio.gather(*(b.send(queue.name, {'n': n}) for n in range(2, 12)
+                                         for b in (broker, other)), return_exceptions=True)
+    finally:
+        await other.close()
+    assert sum(isinstance(r, QueueFull) for r in results) == 17
+    assert await broker.queue_length(queue.name) == 5 == await _held(broker, queue.name)

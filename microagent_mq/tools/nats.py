@@ -28,6 +28,7 @@ from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable, ConfigurationError, QueueFull
 from ..transport import DeadLetter, Outgoing, Retained, Subscription
+from .nats_bounded import Bound
 from .nats_codec import (
     ATTEMPTS,
     CONSUMER,
@@ -43,7 +44,7 @@ from .nats_codec import (
 )
 from .nats_consumer import NATSSubscription
 from .nats_delayed import DelayedMover
-from .nats_options import PlannedSend, QueuePlan, full, is_full, plan_of
+from .nats_options import PlannedSend, QueuePlan, plan_of
 from .nats_retained import retained
 
 ERRORS = (nats.errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
@@ -79,6 +80,7 @@ class NATSBroker(AbstractQueueBroker):
         self._connecting = asyncio.Lock()
         self._streams: set[str] = set()
         self._plans: dict[str, QueuePlan | None] = {}  # queue options (nats_options), per queue
+        self._bounds: dict[str, Bound] = {}  # bounded queues' counts (nats_bounded)
         self._mover = DelayedMover(self)
 
     # connection ---------------------------------------------------------------------------
@@ -134,27 +136,29 @@ class NATSBroker(AbstractQueueBroker):
     # declarations -------------------------------------------------------------------------
 
     async def ensure_stream(self, name: str, subject: str, work_queue: bool = True,
-                            max_age: float | None = None, **limits: Any) -> None:
+                            max_age: float | None = None, update: bool = False) -> None:
         """Create stream ``name`` capturing ``subject`` unless this broker did already.
 
-        ``limits``: more ``StreamConfig`` fields (``max_msgs``, ``discard``). A stream that
-        exists with another configuration is refused, never changed: lowering its limits
-        would drop messages.
+        One that exists with another configuration is changed if ``update`` (a journal whose
+        retention changed), else refused.
         """
         if name in self._streams:
             return
         js = await self.jetstream()
         retention = api.RetentionPolicy.WORK_QUEUE if work_queue else api.RetentionPolicy.LIMITS
         window = min(DUPLICATE_WINDOW_S, max_age) if max_age else DUPLICATE_WINDOW_S
+        config = api.StreamConfig(name=name, subjects=[subject], retention=retention, max_age=max_age,
+                                  storage=api.StorageType.FILE, duplicate_window=window)
         try:
-            await js.add_stream(api.StreamConfig(
-                name=name, subjects=[subject], retention=retention, storage=api.StorageType.FILE,
-                duplicate_window=window, max_age=max_age, **limits))
+            await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != STREAM_EXISTS:
                 raise
-            raise ConfigurationError(f'NATS stream {name} exists with other options (the queue was '
-                                     f'declared differently): edit or delete it to match') from None
+            if not update:
+                raise ConfigurationError(f'NATS stream {name} exists with another configuration: '
+                                         f'edit or delete it to match') from None
+            self.log.warning('Changing NATS stream %s to max_age %ss', name, max_age)
+            await js.update_stream(config)
         self._streams.add(name)
 
     def forget_stream(self, name: str) -> None:
@@ -169,19 +173,21 @@ class NATSBroker(AbstractQueueBroker):
             plan = self._plans[queue] = plan_of(queue)
             return plan
 
+    def bound(self, plan: QueuePlan) -> Bound:
+        """The count and stores of bounded queue ``plan.queue``."""
+        bound = self._bounds.get(plan.queue)
+        if bound is None:
+            bound = self._bounds[plan.queue] = Bound(self, plan)
+        return bound
+
     async def ensure_queue(self, queue: str) -> None:
-        plan = self.plan(queue)
-        if plan is None or not plan.max_length:
-            await self.ensure_stream(self.names.stream(queue), self.names.subject(queue))
-        else:
-            discard = api.DiscardPolicy.NEW if plan.reject else api.DiscardPolicy.OLD
-            await self.ensure_stream(self.names.stream(queue), self.names.subject(queue),
-                                     max_msgs=plan.max_length, discard=discard)
+        self.plan(queue)  # refuses what JetStream cannot do (priorities) before anything is made
+        await self.ensure_stream(self.names.stream(queue), self.names.subject(queue))
 
     async def ensure_journal(self, plan: QueuePlan) -> None:
         names = self.names
         await self.ensure_stream(names.journal_stream(plan.queue), names.journal_subject(plan.queue),
-                                 work_queue=False, max_age=plan.retention_s)
+                                 work_queue=False, max_age=plan.retention_s, update=True)
 
     async def ensure_free(self, queue: str) -> None:
         await self.ensure_stream(self.names.free_stream(queue), self.names.free_subject(queue, '*'),
@@ -255,6 +261,15 @@ class NATSBroker(AbstractQueueBroker):
             raise
 
     # consuming ----------------------------------------------------------------------------
+
+    async def store(self, queue: str, body: bytes, headers: dict[str, str]) -> None:
+        """Store a copy (a delayed move, a requeue) into ``queue``, within its bound if it has one."""
+        plan = self.plan(queue)
+        if plan is not None and plan.max_length:
+            await self.bound(plan).store(self.names.subject(queue), body, headers)
+        else:
+            js = await self.jetstream()
+            await js.publish(self.names.subject(queue), body, headers=headers)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         queue = consumer.queue.name
@@ -334,12 +349,9 @@ class NATSBroker(AbstractQueueBroker):
             message_id = message_id_of(msg.headers, f'dlq-{seq}')
             headers = copy_headers(msg.headers, f'{message_id}~requeued-{seq}', message_id)
             try:
-                await js.publish(self.names.subject(name), msg.data or b'', headers=headers)
-            except nats.js.errors.APIError as exc:
-                plan = self.plan(name)
-                if plan is None or not is_full(exc):
-                    raise
-                raise full(plan, f'{moved} dead letter(s) requeued, the others stay dead letters') from None
+                await self.store(name, msg.data or b'', headers)
+            except QueueFull as exc:
+                raise QueueFull(f'{exc}; {moved} dead letter(s) requeued, the others stay') from None
             await js.delete_msg(self.names.dlq_stream(name), seq)
             moved += 1
         return moved

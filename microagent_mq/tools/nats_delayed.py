@@ -15,12 +15,11 @@ import time
 from typing import TYPE_CHECKING
 
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from ..exceptions import QueueFull
 from .nats_codec import DUE, MOVER, copy_headers, int_header, message_id_of
-from .nats_options import is_full
 
 if TYPE_CHECKING:
     from .nats import NATSBroker
@@ -95,7 +94,6 @@ class DelayedMover:
 
     async def _move(self, queue: str, msgs: list[Msg]) -> None:
         broker = self._broker
-        js = await broker.jetstream()
         now_ms = time.time() * 1000
         for msg in msgs:
             due_ms = int_header(msg.headers, DUE, 0)
@@ -105,11 +103,8 @@ class DelayedMover:
             await broker.ensure_queue(queue)
             message_id = message_id_of(msg.headers, f'delayed-{msg.metadata.sequence.stream}')
             try:
-                await js.publish(broker.names.subject(queue), msg.data,
-                                 headers=copy_headers(msg.headers, message_id, message_id))
-            except nats.js.errors.APIError as exc:
-                if not is_full(exc):
-                    raise
+                await broker.store(queue, msg.data, copy_headers(msg.headers, message_id, message_id))
+            except QueueFull:
                 await msg.nak(delay=FULL_RETRY_S)  # accepted already: it waits for room
                 continue
             await msg.ack()
