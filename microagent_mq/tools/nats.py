@@ -4,11 +4,12 @@ Layout and wire format: ``nats_codec``. Exchanges are routed here, by the declar
 (as on Redis): a send to an exchange stores one copy in the stream of each queue whose
 topics match (AMQP rules, ``routing.py``). NATS wildcards are not used for it: JetStream
 refuses two streams whose subjects overlap, so one subject could never feed several queues.
-``send(delay=)``: ``nats_delayed``; consuming, acks and attempts: ``nats_consumer``.
+``send(delay=)``: ``nats_delayed``; consuming, acks and attempts: ``nats_consumer``; dead
+letters: ``nats_dlq``; queue options (retention, max_length, no priorities): ``nats_options``,
+``nats_bounded``, ``nats_retained``.
 """
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -30,20 +31,15 @@ from ..exceptions import BrokerUnavailable, ConfigurationError, QueueFull
 from ..transport import DeadLetter, Outgoing, Retained, Subscription
 from .nats_bounded import Bound
 from .nats_codec import (
-    ATTEMPTS,
     CONSUMER,
     DUE,
-    ERROR,
-    FAILED_AT,
     PREFIX_RE,
     Names,
-    copy_headers,
-    int_header,
     message_headers,
-    message_id_of,
 )
 from .nats_consumer import NATSSubscription
 from .nats_delayed import DelayedMover
+from .nats_dlq import dead_letters, requeue_dead_letters
 from .nats_options import PlannedSend, QueuePlan, plan_of
 from .nats_retained import retained
 
@@ -181,8 +177,10 @@ class NATSBroker(AbstractQueueBroker):
         return bound
 
     async def ensure_queue(self, queue: str) -> None:
-        self.plan(queue)  # refuses what JetStream cannot do (priorities) before anything is made
-        await self.ensure_stream(self.names.stream(queue), self.names.subject(queue))
+        stream = self.names.stream(queue)
+        if stream not in self._streams:
+            self.plan(queue)  # refuses what JetStream cannot do (priorities) before anything is made
+            await self.ensure_stream(stream, self.names.subject(queue))
 
     async def ensure_journal(self, plan: QueuePlan) -> None:
         names = self.names
@@ -316,57 +314,11 @@ class NATSBroker(AbstractQueueBroker):
             return 0
 
     async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
-        letters: list[DeadLetter] = []
-        async for seq, msg in self._dlq_messages(name):
-            letters.append(_dead_letter(name, msg, seq))
-            if len(letters) >= limit:
-                break
-        return letters
-
-    async def _dlq_messages(self, name: str, last: int | None = None) -> Any:
-        js = await self.jetstream()
-        stream = self.names.dlq_stream(name)
-        try:
-            state = (await js.stream_info(stream)).state
-        except nats.js.errors.NotFoundError:
-            return
-        end = state.last_seq if last is None else min(last, state.last_seq)
-        for seq in range(max(state.first_seq, 1), end + 1):
-            try:
-                yield seq, await js.get_msg(stream, seq)
-            except nats.js.errors.NotFoundError:
-                continue  # deleted: requeued already
+        return await dead_letters(self, name, limit)
 
     async def _requeue_dead_letters(self, name: str) -> int:
-        js = await self.jetstream()
-        try:  # a snapshot: letters dead-lettered again meanwhile stay for the next call
-            last = (await js.stream_info(self.names.dlq_stream(name))).state.last_seq
-        except nats.js.errors.NotFoundError:
-            return 0
-        await self.ensure_queue(name)
-        moved = 0
-        async for seq, msg in self._dlq_messages(name, last):
-            message_id = message_id_of(msg.headers, f'dlq-{seq}')
-            headers = copy_headers(msg.headers, f'{message_id}~requeued-{seq}', message_id)
-            try:
-                await self.store(name, msg.data or b'', headers)
-            except QueueFull as exc:
-                raise QueueFull(f'{exc}; {moved} dead letter(s) requeued, the others stay') from None
-            await js.delete_msg(self.names.dlq_stream(name), seq)
-            moved += 1
-        return moved
-
+        return await requeue_dead_letters(self, name)
 
     async def _retained(self, name: str, since: float | None, until: float | None,
                         after: Any, limit: int) -> tuple[list[Retained], Any]:
         return await retained(self, name, since, until, after, limit)
-
-
-def _dead_letter(queue: str, msg: Any, seq: int) -> DeadLetter:
-    headers = msg.headers
-    try:
-        error = json.loads(headers.get(ERROR, '""')) if headers else ''
-    except ValueError:
-        error = headers.get(ERROR, '') if headers else ''
-    return DeadLetter(queue, message_id_of(headers, f'dlq-{seq}'), msg.data or b'', str(error),
-                      int_header(headers, ATTEMPTS, 1), int_header(headers, FAILED_AT, 0) / 1000)
