@@ -22,6 +22,20 @@ async def produce(system: System, n: int) -> dict[str, float]:
     return {'msg_per_s': n / (time.perf_counter() - start)}
 
 
+SENDERS = 100  # concurrent senders: a web app's requests, each awaiting its own send
+
+
+async def concurrent(system: System, n: int) -> dict[str, float]:
+    """N sends from ``SENDERS`` tasks at once on one broker, each awaiting its own send."""
+    async def sender(first: int) -> None:
+        for i in range(first, n, SENDERS):
+            await system.send(message(i))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(sender(first) for first in range(SENDERS)))
+    return {'msg_per_s': n / (time.perf_counter() - start)}
+
+
 async def publish(system: System, n: int) -> dict[str, float]:
     """N sends of items made beforehand: the cost of sending them, not of building them.
 
@@ -95,7 +109,7 @@ def _peak_rss_mb() -> float:
 
 SCENARIOS: dict[str, Any] = {
     'produce': produce, 'send_many': send_many, 'end_to_end': end_to_end, 'drain': drain,
-    'round_trip': round_trip, 'publish': publish,
+    'round_trip': round_trip, 'publish': publish, 'concurrent': concurrent,
 }
 
 

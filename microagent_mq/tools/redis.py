@@ -25,7 +25,7 @@ try:
     from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, ResponseError
+    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("RedisBroker needs redis: pip install 'microagent-mq[redis]'") from exc
@@ -35,6 +35,7 @@ from ..consumer import Consumer
 from ..dsn import check_redis_db, mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
+from .redis_batcher import ScriptBatcher
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
 from .redis_scripts import Scripts
@@ -78,6 +79,7 @@ class RedisBroker(AbstractQueueBroker):
         self._sender = os.urandom(6).hex()
         self._publishes = itertools.count()
         self._mark_block, self._mark_key = -1, ''
+        self._sends = ScriptBatcher(lambda: self.client)
 
     # keys -------------------------------------------------------------------------------
 
@@ -137,6 +139,7 @@ class RedisBroker(AbstractQueueBroker):
             await asyncio.gather(self._mover, return_exceptions=True)
             self._mover = None
         self._delayed_watch.clear()
+        await self._sends.close()  # sends already made finish on this client
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -166,11 +169,9 @@ class RedisBroker(AbstractQueueBroker):
             raise self._unavailable(exc) from exc
 
     async def _eval(self, script: Any, *keys_and_args: Any, keys: int = 2) -> Any:
-        """EVALSHA straight (cheaper than redis-py's script wrapper on the send path)."""
-        try:
-            return await self.client.evalsha(script.sha, keys, *keys_and_args)
-        except NoScriptError:  # Redis restarted, or another server: load it and run it
-            return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
+        """EVALSHA straight (cheaper than redis-py's script wrapper on the send path); sends
+        made while one is in flight share the next round trip (``redis_batcher``)."""
+        return await self._sends.call(script, keys, *keys_and_args)
 
     def _sent_mark(self) -> tuple[str, int]:
         """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them."""
