@@ -121,6 +121,10 @@ class AMQPSubscription(Subscription):
         return self._channel is None or self._channel.is_closed
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:  # noted on its own channel: it may come before open() has noted the channel
+            self._tx.delivered(message.channel, message.delivery_tag or 0)
+        except Exception:  # aio-pika raises ChannelInvalidStateError for a closed channel
+            pass  # stale already: never acked on that channel
         self._incoming.append(message)
         self._wake()
 
@@ -195,7 +199,7 @@ class AMQPSubscription(Subscription):
         if underlay is None:
             self._log_stale(message, 'not acked')
             return
-        await self._tx.ack(underlay, message.ack)
+        await self._tx.ack(underlay, message.delivery_tag or 0)
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
         await self._move(delivery, self._name, delivery.attempt + 1, 'retry', max(delay, 0.001))
@@ -228,6 +232,7 @@ class AMQPSubscription(Subscription):
         steps.append(message.ack)
         try:
             await self._tx.atomically(underlay, *steps)
+            self._tx.settled(underlay, message.delivery_tag or 0)
         except Exception as exc:
             if not requeue:
                 raise
@@ -242,6 +247,7 @@ class AMQPSubscription(Subscription):
             return  # RabbitMQ requeued it with the channel
         try:
             await self._tx.atomically(underlay, lambda: message.nack(requeue=True))
+            self._tx.settled(underlay, message.delivery_tag or 0)
         except Exception as exc:
             self._broker.log.info('Requeueing a message of %s failed: %r', self._name, exc)
 
