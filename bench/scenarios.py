@@ -123,6 +123,9 @@ SCENARIOS: dict[str, Any] = {
 
 
 async def main(system_name: str, scenario: str, n: int) -> dict[str, float]:
+    if system_name not in SYSTEMS:  # a peer (python -m bench --peers)
+        from .peers import PEER_SYSTEMS
+        SYSTEMS.update(PEER_SYSTEMS)
     system = SYSTEMS[system_name]()
     await system.setup()
     try:
