@@ -18,8 +18,9 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 from pamqp.commands import Basic
+
+from .amqp_incoming import Readable
 
 
 def outgoing_message(body: bytes, message_id: str, attempt: int, *,
@@ -64,7 +65,7 @@ def epoch_ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def failed_at_of(message: AbstractIncomingMessage) -> float:
+def failed_at_of(message: Readable) -> float:
     """Epoch seconds a dead letter failed at: int ms, or an older letter's float seconds."""
     value = message.headers.get('x-failed-at')
     if isinstance(value, bool):
@@ -74,19 +75,19 @@ def failed_at_of(message: AbstractIncomingMessage) -> float:
     return float(value) if isinstance(value, float) else 0.0
 
 
-def attempt_of(message: AbstractIncomingMessage) -> int:
+def attempt_of(message: Readable) -> int:
     """The attempt a message is on, from its ``x-attempt`` header (1 when absent)."""
     value = message.headers.get('x-attempt', 1)
     return value if isinstance(value, int) and value >= 1 else 1
 
 
-def sent_at_of(message: AbstractIncomingMessage) -> float:
+def sent_at_of(message: Readable) -> float:
     """Epoch seconds the sender stamped, 0.0 when unknown."""
     value = message.headers.get('x-sent-at')
     return value / 1000 if isinstance(value, int) else 0.0
 
 
-def headers_of(message: AbstractIncomingMessage) -> dict[str, Any] | None:
+def headers_of(message: Readable) -> dict[str, Any] | None:
     """The sender's metadata as sent, None when there is none (or it is unreadable)."""
     raw = message.headers.get('x-headers')
     if not isinstance(raw, str | bytes):
@@ -106,7 +107,7 @@ def body_id(body: bytes) -> str:
     return f'{SYNTHETIC_PREFIX}{hashlib.blake2b(body, digest_size=12).hexdigest()}'
 
 
-def id_of(message: AbstractIncomingMessage) -> tuple[str, bool]:
+def id_of(message: Readable) -> tuple[str, bool]:
     """The message's id, and whether it was made up (here, or for a copy of a foreign message)."""
     message_id = message.message_id
     if not message_id:
