@@ -115,12 +115,12 @@ def main() -> None:
                 alone = results[broker]['produce'][broker]['msg_per_s']['median']  # type: ignore[index]
                 entry['vs_sequential'] = ours / alone
                 extra = f'{ours / alone:.1f}x one sequential sender of this run'
-            for system in peers:
-                theirs = entry[system][figure]['median']  # type: ignore[index]
-                extra += f" {system.split('-', 1)[1]} {_number(theirs)}"
             if scenario == 'round_trip':
                 extra = (f"p99 {entry[broker]['p99_us']['median']:.0f} vs "  # type: ignore[index]
                          f"{entry[f'{broker}-raw']['p99_us']['median']:.0f} µs")  # type: ignore[index]
+            for system in peers:
+                theirs = entry[system][figure]['median']  # type: ignore[index]
+                extra += f" {system.split('-', 1)[1]} {_number(theirs)}"
             rows.append((broker, scenario, n, figure, entry[ours_system][figure],  # type: ignore[index]
                          entry[base_system][figure], ratio, extra))  # type: ignore[index]
             print(_row(rows[-1]), flush=True)
