@@ -129,7 +129,7 @@ def main() -> None:
            'environment': environment(), 'results': results}
     Path(__file__).with_name('results.json').write_text(json.dumps(run, indent=2))
     if args.docs:
-        write_docs(run, PLAN)
+        write_docs(run, PLAN, compared)
     print(f'\n{"broker":7} {"scenario":11} {"n":>7} {"figure":9} {"ours (min-max)":>26} '
           f'{"raw (min-max)":>26} {"ratio":>6}')
     for row in rows:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import platform
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,13 @@ async def _servers() -> dict[str, str]:
     return found
 
 
-def tables(run: dict[str, Any], plan: dict[str, list[tuple[str, int, str]]]) -> str:
-    """Markdown: the run's header, then a table per broker."""
+Plan = dict[str, list[tuple[str, int, str]]]
+Compared = Callable[[str, str], tuple[str, str]]
+
+
+def tables(run: dict[str, Any], plan: Plan, compared: Compared) -> str:
+    """Markdown: the run's header, then a table per broker (``compared``: a scenario's two
+    systems, ours and its baseline)."""
     env = run['environment']
     versions = ', '.join(f'{name} {v}' for name, v in env['versions'].items())
     servers = ', '.join(f'{name} {v}' for name, v in env['servers'].items())
@@ -101,7 +107,7 @@ def tables(run: dict[str, Any], plan: dict[str, list[tuple[str, int, str]]]) -> 
             entry = entries.get(scenario)
             if entry is None:
                 continue
-            ours, base = _pair(broker, scenario)
+            ours, base = compared(broker, scenario)
             cells = [scenario, f"{entry['n']:,}", UNITS[figure], _cell(entry[ours][figure]),
                      _cell(entry[base][figure]), f"{entry['ratio']:.2f}"]
             cells += [_cell(entry[f'{broker}-{p}'][figure]) if f'{broker}-{p}' in entry else '—'
@@ -111,24 +117,18 @@ def tables(run: dict[str, Any], plan: dict[str, list[tuple[str, int, str]]]) -> 
     return '\n'.join(lines)
 
 
-def _pair(broker: str, scenario: str) -> tuple[str, str]:
-    if scenario == 'publish':
-        return f'{broker}-typed', broker
-    return broker, f'{broker}-raw'
-
-
 def _cell(summary: dict[str, float]) -> str:
     digits = 2 if summary['median'] < 10 else 0
     return (f"{summary['median']:,.{digits}f} ({summary['min']:,.{digits}f}{DASH}"
             f"{summary['max']:,.{digits}f})")
 
 
-def write_docs(run: dict[str, Any], plan: dict[str, list[tuple[str, int, str]]]) -> None:
+def write_docs(run: dict[str, Any], plan: Plan, compared: Compared) -> None:
     """Replace the tables between the markers of docs/benchmarks.md."""
     text = DOCS.read_text()
     head, _, rest = text.partition(START)
     _, found, tail = rest.partition(END)
     if not found:
         raise SystemExit(f'{DOCS} has no {START} ... {END} section to write into')
-    DOCS.write_text(f'{head}{START}\n{tables(run, plan)}\n{END}{tail}')
+    DOCS.write_text(f'{head}{START}\n{tables(run, plan, compared)}\n{END}{tail}')
     print(f'written {DOCS}')
