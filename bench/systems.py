@@ -1,6 +1,7 @@
 """The systems measured: microagent_mq on each broker, and the raw client doing the same work."""
 
 import asyncio
+import os
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -11,6 +12,9 @@ from typing import Any
 import orjson
 
 REDIS_DSN = 'redis://127.0.0.1:6379/14'
+# A Redis Cluster of your own for the redis_cluster system (none is started here), e.g.
+# BENCH_REDIS_CLUSTER_DSN=redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002
+REDIS_CLUSTER_DSN_VAR = 'BENCH_REDIS_CLUSTER_DSN'
 AMQP_DSN = 'amqp://guest:guest@127.0.0.1:5672/'
 NATS_DSN = 'nats://127.0.0.1:4222'
 BATCH = 32  # the raw consumers fetch / prefetch as many as ours does by default (+1 handler)
@@ -82,9 +86,9 @@ class Ours(System):
         self.kind = kind
 
     async def setup(self) -> None:
-        from microagent_mq import MicroAgent, Queue, consumer
+        from microagent_mq import MicroAgent, consumer
 
-        queue = Queue(self.queue)
+        queue = self.declare()
         handled = self.handled
 
         class BenchAgent(MicroAgent):
@@ -98,6 +102,9 @@ class Ours(System):
         elif self.kind == 'redis':
             from microagent_mq.tools.redis import RedisBroker
             self.broker = RedisBroker(REDIS_DSN, prefix='bench:')
+        elif self.kind == 'redis_cluster':
+            from microagent_mq.tools.redis import RedisBroker
+            self.broker = RedisBroker(os.environ[REDIS_CLUSTER_DSN_VAR], prefix='bench:')
         elif self.kind == 'nats':
             from microagent_mq.tools.nats import NATSBroker
             self.broker = NATSBroker(NATS_DSN, prefix='bench')
@@ -107,6 +114,11 @@ class Ours(System):
         self.agent = BenchAgent(broker=self.broker)
         self.bound = getattr(self.broker, self.queue)
         await self.bound.length()  # connect before timing
+
+    def declare(self) -> Any:
+        from microagent_mq import Queue
+
+        return Queue(self.queue)
 
     async def send(self, data: dict[str, Any]) -> None:
         await self.bound.send(data)
@@ -121,6 +133,31 @@ class Ours(System):
         await self.agent.stop(grace=1)
         await self.broker.close()
         await _cleanup(self.kind, self.queue)
+
+
+class OursWithOptions(Ours):
+    """microagent_mq on a queue declared with options (issue 13), sending as ``Ours`` does.
+
+    ``priority``: sends carry priorities 0-2 in turn (the queue has ``max_priority=2``).
+    """
+
+    def __init__(self, kind: str, priority: bool = False, **options: Any) -> None:
+        super().__init__(kind)
+        self.options = {'max_priority': 2, **options} if priority else options
+        self.priority = priority
+        self.sent = 0
+
+    def declare(self) -> Any:
+        from microagent_mq import Queue
+
+        return Queue(self.queue, **self.options)
+
+    async def send(self, data: dict[str, Any]) -> None:
+        if self.priority:
+            self.sent += 1
+            await self.bound.send(data, priority=self.sent % 3)
+        else:
+            await self.bound.send(data)
 
 
 class OursTyped(Ours):
@@ -309,8 +346,18 @@ async def _cleanup(kind: str, queue: str) -> None:
     if kind == 'redis':
         import redis.asyncio as aioredis
         r = aioredis.Redis.from_url(REDIS_DSN)
-        await r.delete(f'bench:{queue}', f'bench:{queue}.dlq', f'bench:{queue}:delayed')
+        # the stream, its dead letters, delayed set and priority levels; nobody else's keys
+        keys = [key async for key in r.scan_iter(match=f'bench:{queue}*', count=1000)]
+        if keys:
+            await r.delete(*keys)
         await r.aclose()
+    elif kind == 'redis_cluster':
+        from microagent_mq.tools.redis import RedisBroker
+        admin = RedisBroker(os.environ[REDIS_CLUSTER_DSN_VAR], prefix='bench:')
+        keys = [k async for k in admin.client.scan_iter(match=f'bench:{{{queue}}}*')]
+        if keys:
+            await admin.client.delete(*keys)
+        await admin.close()
     elif kind == 'nats':
         import nats
         import nats.js.errors
@@ -327,8 +374,8 @@ async def _cleanup(kind: str, queue: str) -> None:
         connection = await aio_pika.connect(AMQP_DSN)
         async with connection:
             channel = await connection.channel()
-            await channel.queue_delete(queue)
-            await channel.queue_delete(f'{queue}.dlq')
+            for suffix in ('', '.dlq', '.journal', '.bindings'):
+                await channel.queue_delete(f'{queue}{suffix}')
 
 
 SYSTEMS: dict[str, Callable[[], System]] = {
@@ -339,8 +386,13 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     'amqp-typed': lambda: OursTyped('amqp'),
     'redis': lambda: Ours('redis'),
     'redis-raw': RawRedis,
+    'redis_cluster': lambda: Ours('redis_cluster'),
     'amqp': lambda: Ours('amqp'),
     'amqp-raw': RawAMQP,
     'nats': lambda: Ours('nats'),
     'nats-raw': RawNATS,
 }
+# Queues with options (issue 13), compared with the plain queue of the same broker.
+for _kind in ('memory', 'redis', 'amqp'):
+    SYSTEMS[f'{_kind}-retention'] = lambda kind=_kind: OursWithOptions(kind, retention='1h')
+    SYSTEMS[f'{_kind}-priority'] = lambda kind=_kind: OursWithOptions(kind, priority=True)

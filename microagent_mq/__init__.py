@@ -10,6 +10,7 @@ from .exceptions import (
     ConfigurationError,
     InvalidDSN,
     QueueException,
+    QueueFull,
     QueueNotFound,
     QueueSourceError,
     SerializingError,
@@ -19,7 +20,7 @@ from .messages import Message, MessageInfo, publish, publish_many
 from .middleware import Middleware
 from .options import ConsumerOptions
 from .queue import Queue
-from .transport import DeadLetter
+from .transport import DeadLetter, Retained
 
 __version__ = '0.1.0'
 
@@ -38,9 +39,11 @@ __all__ = [
     'Middleware',
     'Queue',
     'QueueException',
+    'QueueFull',
     'QueueNotFound',
     'QueueSourceError',
     'Reject',
+    'Retained',
     'Retry',
     'SerializingError',
     '__version__',

@@ -10,6 +10,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from uuid import uuid4
@@ -23,7 +24,7 @@ from .messages import check_headers, is_message_class, publication_of, publicati
 from .middleware.base import Middleware, before_send
 from .queue import Queue, decode, encode
 from .routing import is_valid_topic
-from .transport import DeadLetter, Outgoing, QueueStats, Subscription
+from .transport import DeadLetter, Outgoing, QueueStats, Retained, Subscription
 
 __all__ = ['AbstractQueueBroker', 'BoundQueue', 'Consumer']
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from .messages import Message as TypedMessage
     from .pull import Received
 
-SEND_OPTIONS = frozenset({'topic', 'delay', 'message_id'})
+SEND_OPTIONS = frozenset({'topic', 'delay', 'message_id', 'priority'})
 MAX_MESSAGE_ID = 200  # characters: a caller's own stable id (an outbox row's, say)
 MAX_DELAY_S = 365 * 24 * 3600  # a year: beyond that a delay is a mistake, not a schedule
 _NO_OPTIONS: dict[str, Any] = {}  # read only
@@ -86,7 +87,9 @@ class AbstractQueueBroker(ABC):
         ``topic=``: routing key for an exchange; ``delay=``: seconds before it is delivered;
         ``message_id=``: the caller's stable id (1 to 200 characters) instead of a fresh one,
         so a message sent again (an outbox relay's retry) is known as the same message.
+        ``priority=``: 0 to the queue's ``max_priority``; higher is delivered first.
         ``headers=``: metadata beside the body (str keys, JSON values; ``mq-*`` is reserved).
+        Raises ``QueueFull`` when the queue is at its ``max_length`` (``overflow='reject'``).
         """
         outgoing = self._outgoing(name, self._encode(name, message), kwargs)
         if headers is not None:
@@ -112,17 +115,18 @@ class AbstractQueueBroker(ABC):
             await self._publish(batch)
 
     async def publish(self, message: 'TypedMessage', delay: float | None = None,
-                      headers: dict[str, Any] | None = None) -> None:
+                      headers: dict[str, Any] | None = None, priority: int | None = None) -> None:
         """Publish a ``Message`` where its class routes it (a queue, or an exchange and topic)."""
-        outgoing = self._typed_outgoing(message, delay, headers)
+        outgoing = self._typed_outgoing(message, delay, headers, priority)
         if self.middlewares:
             await before_send(self.middlewares, [outgoing])
         await self._publish([outgoing])
 
     async def publish_many(self, messages: Iterable['TypedMessage'], delay: float | None = None,
-                           headers: dict[str, Any] | None = None) -> None:
+                           headers: dict[str, Any] | None = None,
+                           priority: int | None = None) -> None:
         """Publish several messages, each routed by its class, in one go."""
-        batch = [self._typed_outgoing(m, delay, headers) for m in messages]
+        batch = [self._typed_outgoing(m, delay, headers, priority) for m in messages]
         if batch:
             if self.middlewares:
                 await before_send(self.middlewares, batch)
@@ -289,6 +293,32 @@ class AbstractQueueBroker(ABC):
         self.log.warning('Purged %d dead letter(s) of %s', count, name)
         return count
 
+    async def history(self, name: str, since: 'datetime | float | str | None' = None,
+                      limit: int = 100) -> list[Retained]:
+        """The oldest ``limit`` messages queue ``name`` retained, sent at ``since`` or later.
+
+        Nothing is sent or removed. The queue must be declared with ``retention``.
+        """
+        from .replay import history
+
+        return await history(self, name, since, limit)
+
+    async def replay(self, name: str, since: 'datetime | float | str | None' = None,
+                     from_id: str | None = None, until: 'datetime | float | str | None' = None) -> int:
+        """Send the messages queue ``name`` retained again, in their order; returns how many.
+
+        ``since``/``until``: only those sent in that window (datetimes, epoch seconds or ISO
+        strings; ``until`` defaults to now, so what this replay sends is not replayed again).
+        ``from_id``: start at the message with this id (inclusive). Each is sent as a new
+        message (a new id, a first attempt) with the header ``replayed_from``: the original's id.
+        """
+        from .replay import replay
+
+        return await replay(self, name, since, from_id, until)
+
+    def _new_message_id(self) -> str:
+        return f'{self._id_prefix}{next(self._ids):x}'
+
     async def close(self, grace: float | None = None) -> None:
         """Stop every consumer at once (see ``unbind``), then close the connections.
 
@@ -391,6 +421,14 @@ class AbstractQueueBroker(ABC):
         """Move the dead letters with message ids in ``ids`` back to their queue; how many."""
         raise self._unsupported('requeue by id')
 
+    async def _retained(self, name: str, since: float | None, until: float | None,
+                        after: Any, limit: int) -> tuple[list[Retained], Any]:
+        """Up to ``limit`` retained messages of ``name`` in send order, sent from ``since`` to
+        ``until`` (epoch seconds; None: no bound), after position ``after`` (None: from the
+        oldest). Also where to read on: a position, or None when the window holds no more.
+        """
+        raise self._unsupported('retention and replay')
+
     def _unsupported(self, what: str) -> QueueException:
         return QueueException(f'{type(self).__name__} does not support {what}')
 
@@ -403,7 +441,7 @@ class AbstractQueueBroker(ABC):
         return queue
 
     def _typed_outgoing(self, message: 'TypedMessage', delay: float | None,
-                        headers: dict[str, Any] | None) -> Outgoing:
+                        headers: dict[str, Any] | None, priority: int | None = None) -> Outgoing:
         how = publications.get(type(message))
         if how is None:
             if not is_message_class(type(message)):
@@ -412,8 +450,10 @@ class AbstractQueueBroker(ABC):
             how = publication_of(type(message))
         body = how.encode(message)
         options = _NO_OPTIONS
-        if delay or how.topic:
+        if delay or how.topic or priority is not None:
             options = {'delay': delay, 'topic': how.topic}
+            if priority is not None:
+                options['priority'] = priority
         try:
             outgoing = self._outgoing(how.target, body, options)
         except QueueNotFound:
@@ -468,8 +508,9 @@ class AbstractQueueBroker(ABC):
             shown = repr(message_id)[:60]
             raise ConfigurationError(f'invalid message_id {shown}: a non-empty str of at most '
                                      f'{MAX_MESSAGE_ID} characters expected')
+        priority = _checked_priority(name, options['priority'], targets) if 'priority' in options else 0
         return Outgoing(body, message_id, targets, exchange, topic, float(delay),
-                        sent_at=time.time())
+                        sent_at=time.time(), priority=priority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,6 +570,21 @@ def _serialized(queue: Queue, message: Message) -> bytes:
         return data
     raise SerializingError(f'{type(queue).__name__}.serialize must return str or bytes, '
                            f'not {type(data).__name__}')
+
+
+def _checked_priority(name: str, priority: Any, targets: tuple[str, ...]) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+        raise ConfigurationError(f'invalid priority {priority!r}: an integer from 0 to the '
+                                 f"queue's max_priority expected")
+    for target in targets:
+        top = Queue.get(target).max_priority
+        if not top:
+            raise ConfigurationError(f'priority {priority}: queue {target!r} has no priorities '
+                                     f'(declare it with max_priority)')
+        if priority > top:
+            raise ConfigurationError(f'invalid priority {priority} for queue {target!r}: 0 to '
+                                     f'{top} expected (its max_priority)')
+    return priority
 
 
 def _checked_delay(delay: Any) -> float:

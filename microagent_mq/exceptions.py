@@ -27,3 +27,11 @@ class InvalidDSN(ConfigurationError):
 
 class BrokerUnavailable(QueueException, ConnectionError):
     """The broker's server could not be reached within the allowed time."""
+
+
+class QueueFull(QueueException):
+    """A send did not fit in a queue declared with ``max_length`` (``overflow='reject'``).
+
+    Nothing of that send was stored (for ``send_many``: none of the batch, where the broker
+    can promise it; see docs/queues.md).
+    """

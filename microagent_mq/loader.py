@@ -11,11 +11,22 @@ from typing import Any, NamedTuple
 import orjson
 
 from .exceptions import ConfigurationError, QueueSourceError
-from .queue import Queue, check_durability, check_name, identifier
+from .queue import (
+    Queue,
+    check_durability,
+    check_max_length,
+    check_max_priority,
+    check_name,
+    check_overflow,
+    check_retention,
+    identifier,
+)
 
 URL_TIMEOUT_S = 10.0
 MAX_SOURCE_BYTES = 1024 * 1024
-QUEUE_KEYS = frozenset({'name', 'exchange', 'topics', 'durability'})
+QUEUE_KEYS = frozenset({'name', 'exchange', 'topics', 'durability', 'retention', 'max_priority',
+                        'max_length', 'overflow'})
+OPTION_KEYS = ('durability', 'retention', 'max_priority', 'max_length', 'overflow')
 # Names a NamedTuple keeps for itself; a queue cannot take them.
 RESERVED = frozenset({'_make', '_replace', '_asdict', '_fields', '_field_defaults'})
 
@@ -55,7 +66,7 @@ def declare_queues(document: Any, source: str = '<dict>') -> NamedTuple:
             raise QueueSourceError(f'{source}: queues[{index}]: the name {names[index]!r} is reserved')
     queues = [
         Queue(spec['name'], spec.get('exchange', ''), tuple(spec.get('topics', ())),
-              spec.get('durability', ''))
+              **{key: spec[key] for key in OPTION_KEYS if key in spec})
         for spec in specs
     ]
     result: NamedTuple = _named_tuple(fields)(*queues)
@@ -79,11 +90,14 @@ def _check_spec(spec: Any, index: int, source: str) -> str:
     topics = spec.get('topics', [])
     if not isinstance(topics, list):
         raise QueueSourceError(f'{where}: "topics" must be a list')
-    if 'durability' in spec:
-        try:
-            check_durability(spec['durability'])
-        except ConfigurationError as exc:
-            raise QueueSourceError(f'{where}: queue {name!r}: {exc}') from exc
+    for key, check in (('durability', check_durability), ('retention', check_retention),
+                       ('max_priority', check_max_priority), ('max_length', check_max_length),
+                       ('overflow', check_overflow)):
+        if key in spec:
+            try:
+                check(spec[key])
+            except ConfigurationError as exc:
+                raise QueueSourceError(f'{where}: queue {name!r}: {exc}') from exc
     return name
 
 

@@ -12,12 +12,12 @@ import orjson
 class Delivery:
     """A message fetched for a consumer, not yet settled."""
 
-    __slots__ = ('attempt', 'body', 'handle', 'headers', 'message_id', 'received_at', 'sent_at',
-                 'synthetic_id')
+    __slots__ = ('attempt', 'body', 'handle', 'headers', 'message_id', 'priority', 'received_at',
+                 'sent_at', 'synthetic_id')
 
     def __init__(self, body: bytes, message_id: str, attempt: int = 1, handle: Any = None,
                  headers: dict[str, Any] | None = None, sent_at: float = 0.0,
-                 synthetic_id: bool = False) -> None:
+                 synthetic_id: bool = False, priority: int = 0) -> None:
         self.body = body
         self.message_id = message_id
         self.attempt = attempt  # 1 for the first handling
@@ -29,6 +29,8 @@ class Delivery:
         # The transport made ``message_id`` up (a foreign message sent without one): it names
         # this delivery, not what the sender meant, so two equal messages may share it.
         self.synthetic_id = synthetic_id
+        # As sent (Outgoing.priority): a retry or a release keeps it.
+        self.priority = priority
 
     def __repr__(self) -> str:
         return f'<Delivery {self.message_id} attempt={self.attempt}>'
@@ -48,6 +50,33 @@ class Outgoing:
     # stored by the transport and handed back as ``Delivery.headers``. None: no metadata.
     headers: dict[str, Any] | None = None
     sent_at: float = 0.0  # epoch seconds; transports store it when set (> 0)
+    # 0 to the queue's max_priority (checked by the broker); higher is delivered first.
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """A message kept by a queue declared with ``retention``: what ``broker.history`` lists.
+
+    ``position``: the transport's own place of it in the queue's history (a stream id, an
+    offset), for reading on after it.
+    """
+
+    queue: str
+    message_id: str
+    body: bytes
+    sent_at: float  # epoch seconds
+    headers: dict[str, Any] | None = None
+    priority: int = 0
+    position: Any = None
+
+    @property
+    def data(self) -> Any:
+        """The body parsed as JSON, or the raw text when it is not JSON."""
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return self.body.decode(errors='replace')
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +93,7 @@ class DeadLetter:
     # typed message keeps its type. Transports that keep them on the wire may leave these empty.
     headers: dict[str, Any] | None = None
     sent_at: float = 0.0
+    priority: int = 0  # kept when requeued; 0 where a transport does not keep it
 
     @property
     def data(self) -> Any:

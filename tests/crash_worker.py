@@ -22,7 +22,8 @@ from .conftest import make_broker
 
 async def main(kind: str, namespace: str, queue_name: str, mode: str, folder: str,
                options: dict[str, Any]) -> None:
-    queue = Queue(queue_name)
+    # Declaration options (max_priority, retention...) ride in OPTIONS_JSON under 'queue'.
+    queue = Queue(queue_name, **options.pop('queue', {}))
     out = Path(folder)
     pid = os.getpid()
 

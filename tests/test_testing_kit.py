@@ -89,7 +89,8 @@ async def test_null_broker_records_exchange_sends_with_the_queues_that_take_a_co
     (lambda b, q: b.send(q, {1, 2}), SerializingError, 'must be str, bytes or dict'),
     (lambda b, q: b.send(q, b'not json{'), SerializingError, 'not valid JSON'),
     (lambda b, q: b.send_many(q, [{'n': 1}, {'n': float}]), SerializingError, 'not JSON'),
-    (lambda b, q: b.send(q, {'n': 1}, priority=3), ConfigurationError, 'unknown send options'),
+    (lambda b, q: b.send(q, {'n': 1}, urgency=3), ConfigurationError, 'unknown send options'),
+    (lambda b, q: b.send(q, {'n': 1}, priority=3), ConfigurationError, 'has no priorities'),
     (lambda b, q: b.send(q, {'n': 1}, delay=-1), ConfigurationError, 'invalid delay'),
     (lambda b, q: b.send('never_declared', {'n': 1}), QueueNotFound, 'never_declared'),
 ])

@@ -26,7 +26,8 @@ class Published:
     ``queue``: the name it was sent to (a queue, or an exchange); ``queues``: the queues that
     take a copy of it (for an exchange: those whose topics match); ``data``: the body parsed
     back from JSON, exactly as a consumer would get it; ``message``: the ``Message`` object
-    when one was published (None for a dict sent); ``delay``: seconds, 0.0 when none.
+    when one was published (None for a dict sent); ``delay``: seconds, 0.0 when none;
+    ``priority``: as sent (0 when none).
     """
 
     queue: str
@@ -37,6 +38,7 @@ class Published:
     delay: float = 0.0
     queues: tuple[str, ...] = ()
     message_id: str = ''
+    priority: int = 0
 
 
 @dataclass(repr=False, eq=False)
@@ -64,17 +66,18 @@ class NullBroker(AbstractQueueBroker):
         self.published.clear()
 
     async def publish(self, message: Any, delay: float | None = None,
-                      headers: dict[str, Any] | None = None) -> None:
+                      headers: dict[str, Any] | None = None, priority: int | None = None) -> None:
         """As on every broker; the record keeps ``message`` itself."""
         with self._publishing([message]):
-            await super().publish(message, delay, headers)
+            await super().publish(message, delay, headers, priority)
 
     async def publish_many(self, messages: Iterable[Any], delay: float | None = None,
-                           headers: dict[str, Any] | None = None) -> None:
+                           headers: dict[str, Any] | None = None,
+                           priority: int | None = None) -> None:
         """As on every broker; each record keeps its message."""
         messages = list(messages)
         with self._publishing(messages):
-            await super().publish_many(messages, delay, headers)
+            await super().publish_many(messages, delay, headers, priority)
 
     @contextmanager
     def _publishing(self, messages: Sequence[Any]) -> Iterator[None]:
@@ -100,6 +103,7 @@ class NullBroker(AbstractQueueBroker):
             delay=outgoing.delay,
             queues=outgoing.queues,
             message_id=outgoing.message_id,
+            priority=outgoing.priority,
         )
         self.published.append(record)
         return record

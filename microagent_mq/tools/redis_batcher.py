@@ -68,8 +68,8 @@ class ScriptBatcher:
     async def _run_one(self, script: Any, keys: int, keys_and_args: tuple[Any, ...]) -> Any:
         try:
             return await self._client().evalsha(script.sha, keys, *keys_and_args)
-        except NoScriptError:  # Redis restarted, or another server: load it and run it
-            return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
+        except NoScriptError:  # Redis restarted, or another server: EVAL runs and caches it
+            return await self._client().eval(script.script, keys, *keys_and_args)
 
     async def _flush(self) -> None:
         try:
