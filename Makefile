@@ -6,7 +6,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install install-docs test lint bench docs docs-serve package example clean
 
-.PHONY: install test lint bench docs example clean chaos
+.PHONY: install test lint bench bench-peers bench-backlog docs example clean chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ chaos: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The same scenarios on faststream and microagent 1.x beside ours (pip install -e '.[bench]').
+bench-peers: install
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench --peers
+
+# A consumer's peak RSS while it drains 1,000,000 queued messages, Redis and RabbitMQ (~15 min).
+bench-backlog: install
+	$(BIN)/python -m bench.backlog
 
 # The site, into site/; --strict: a broken link, anchor or reference fails the build.
 docs: install-docs

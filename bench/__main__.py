@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from .peers import PEER_SYSTEMS, PEERS, installed
+from .report import environment, write_docs
+
 ROUNDS = 3
 # (scenario, messages per run, figure) for each broker
 PLAN = {
@@ -23,11 +26,13 @@ PLAN = {
                ('drain', 100_000, 'msg_per_s'), ('round_trip', 1000, 'p50_us'),
                ('publish', 100_000, 'cpu_us'), ('retention', 100_000, 'msg_per_s'),
                ('priority', 100_000, 'msg_per_s')],
-    'redis': [('produce', 5000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
+    'redis': [('produce', 5000, 'msg_per_s'), ('concurrent', 20_000, 'msg_per_s'),
+              ('send_many', 10_000, 'msg_per_s'),
               ('end_to_end', 5000, 'msg_per_s'), ('drain', 20_000, 'msg_per_s'),
               ('round_trip', 1000, 'p50_us'), ('publish', 5000, 'cpu_us'),
               ('retention', 5000, 'msg_per_s'), ('priority', 5000, 'msg_per_s')],
-    'amqp': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
+    'amqp': [('produce', 3000, 'msg_per_s'), ('concurrent', 10_000, 'msg_per_s'),
+             ('send_many', 10_000, 'msg_per_s'),
              ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
              ('round_trip', 1000, 'p50_us'), ('publish', 3000, 'cpu_us'),
              ('retention', 3000, 'msg_per_s'), ('priority', 3000, 'msg_per_s')],
@@ -35,6 +40,18 @@ PLAN = {
              ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
              ('round_trip', 1000, 'p50_us')],
 }
+
+
+# Scenarios the peers (--peers) run too: every one but those of microagent_mq's own API.
+PEER_SCENARIOS = ('produce', 'concurrent', 'end_to_end', 'drain', 'round_trip')
+
+
+def peer_systems(broker: str, scenario: str, wanted: bool) -> list[str]:
+    """The peers' systems measured beside a scenario (installed ones only)."""
+    if not wanted or scenario not in PEER_SCENARIOS:
+        return []
+    return [f'{broker}-{peer}' for peer in PEERS if f'{broker}-{peer}' in PEER_SYSTEMS
+            and installed(peer)]
 
 
 def compared(broker: str, scenario: str) -> tuple[str, str]:
@@ -63,7 +80,15 @@ def main() -> None:
     parser.add_argument('--brokers', nargs='*', default=list(PLAN))
     parser.add_argument('--rounds', type=int, default=ROUNDS)
     parser.add_argument('--uvloop', action='store_true', help='run every system on uvloop')
+    parser.add_argument('--peers', action='store_true',
+                        help="also faststream and microagent 1.x, where installed ('.[bench]')")
+    parser.add_argument('--docs', action='store_true',
+                        help='write the tables into docs/benchmarks.md (between its markers)')
     args = parser.parse_args()
+    if args.peers:
+        for peer, distribution in PEERS.items():
+            if not installed(peer):
+                print(f"--peers: {distribution} is not installed, skipped (pip install -e '.[bench]')")
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, object]]] = {}
     rows = []
@@ -71,6 +96,8 @@ def main() -> None:
         for scenario, n, figure in PLAN[broker]:
             ours_system, base_system = compared(broker, scenario)
             runs: dict[str, list[dict[str, float]]] = {ours_system: [], base_system: []}
+            peers = peer_systems(broker, scenario, args.peers)
+            runs.update((system, []) for system in peers)
             for _ in range(args.rounds):  # alternate, so drift hits both alike
                 for system in runs:
                     runs[system].append(run_one(system, scenario, n, args.uvloop))
@@ -91,14 +118,25 @@ def main() -> None:
                 extra += f"rss {entry[broker]['rss_mb']['median']:.0f} MB"  # type: ignore[index]
             if scenario == 'publish':
                 extra = f'dataclass vs dict: {ours / raw - 1:+.1%} CPU per message'
+            if scenario == 'concurrent':  # issue #18: >= 5x one sequential sender
+                alone = results[broker]['produce'][broker]['msg_per_s']['median']  # type: ignore[index]
+                entry['vs_sequential'] = ours / alone
+                extra = f'{ours / alone:.1f}x one sequential sender of this run'
             if scenario == 'round_trip':
                 extra = (f"p99 {entry[broker]['p99_us']['median']:.0f} vs "  # type: ignore[index]
                          f"{entry[f'{broker}-raw']['p99_us']['median']:.0f} µs")  # type: ignore[index]
+            for system in peers:
+                theirs = entry[system][figure]['median']  # type: ignore[index]
+                extra += f" {system.split('-', 1)[1]} {_number(theirs)}"
             rows.append((broker, scenario, n, figure, entry[ours_system][figure],  # type: ignore[index]
                          entry[base_system][figure], ratio, extra))  # type: ignore[index]
             print(_row(rows[-1]), flush=True)
-    Path(__file__).with_name('results.json').write_text(json.dumps(
-        {'rounds': args.rounds, 'uvloop': args.uvloop, 'results': results}, indent=2))
+    run = {'rounds': args.rounds, 'uvloop': args.uvloop, 'peers': args.peers,
+           'command': 'python -m bench ' + ' '.join(sys.argv[1:]), 'seconds': time.monotonic() - started,
+           'environment': environment(), 'results': results}
+    Path(__file__).with_name('results.json').write_text(json.dumps(run, indent=2))
+    if args.docs:
+        write_docs(run, PLAN, compared)
     print(f'\n{"broker":7} {"scenario":11} {"n":>7} {"figure":9} {"ours (min-max)":>26} '
           f'{"raw (min-max)":>26} {"ratio":>6}')
     for row in rows:
@@ -111,6 +149,10 @@ def _row(row: tuple[object, ...]) -> str:
     broker, scenario, n, figure, ours, raw, ratio, extra = row
     return (f'{broker:7} {scenario:11} {n:>7} {figure:9} {_fmt(ours):>26} {_fmt(raw):>26} '
             f'{ratio:6.2f} {extra}')
+
+
+def _number(value: float) -> str:
+    return f'{value:,.2f}' if value < 10 else f'{value:,.0f}'
 
 
 def _fmt(summary: object) -> str:

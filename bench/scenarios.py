@@ -22,6 +22,20 @@ async def produce(system: System, n: int) -> dict[str, float]:
     return {'msg_per_s': n / (time.perf_counter() - start)}
 
 
+SENDERS = 100  # concurrent senders: a web app's requests, each awaiting its own send
+
+
+async def concurrent(system: System, n: int) -> dict[str, float]:
+    """N sends from ``SENDERS`` tasks at once on one broker, each awaiting its own send."""
+    async def sender(first: int) -> None:
+        for i in range(first, n, SENDERS):
+            await system.send(message(i))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(sender(first) for first in range(SENDERS)))
+    return {'msg_per_s': n / (time.perf_counter() - start)}
+
+
 async def publish(system: System, n: int) -> dict[str, float]:
     """N sends of items made beforehand: the cost of sending them, not of building them.
 
@@ -68,7 +82,7 @@ async def drain(system: System, n: int) -> dict[str, float]:
     start = time.perf_counter()
     await system.start_consumer()
     finished = await asyncio.wait_for(done, 120)
-    return {'msg_per_s': n / (finished - start), 'rss_mb': _peak_rss_mb(),
+    return {'msg_per_s': n / (finished - start), 'rss_mb': peak_rss_mb(),
             'cpu_us': _cpu_us(cpu, n)}
 
 
@@ -89,19 +103,31 @@ def _cpu_us(since: float, n: int) -> float:
     return (time.process_time() - since) / n * 1e6
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak RSS. From /proc where there is one: ``ru_maxrss`` of a process
+    started by ``subprocess`` also counts its parent's memory at the fork, before the exec."""
+    try:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 SCENARIOS: dict[str, Any] = {
     'produce': produce, 'send_many': send_many, 'end_to_end': end_to_end, 'drain': drain,
-    'round_trip': round_trip, 'publish': publish,
+    'round_trip': round_trip, 'publish': publish, 'concurrent': concurrent,
     # end to end on a queue with options, against the plain queue (``compared`` in __main__)
     'retention': end_to_end, 'priority': end_to_end,
 }
 
 
 async def main(system_name: str, scenario: str, n: int) -> dict[str, float]:
+    if system_name not in SYSTEMS:  # a peer (python -m bench --peers)
+        from .peers import PEER_SYSTEMS
+        SYSTEMS.update(PEER_SYSTEMS)
     system = SYSTEMS[system_name]()
     await system.setup()
     try:

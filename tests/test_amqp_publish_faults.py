@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
@@ -46,22 +47,22 @@ async def dlq_length(raw: AbstractRobustConnection, name: str) -> int:
 
 
 class FailOnce:
-    """Wraps ``Exchange.publish``: the publish of one chosen body raises ``error`` once."""
+    """Wraps aiormq's ``Channel.basic_publish`` (every publish, ours or through aio-pika's
+    ``Exchange.publish``): the publish of one chosen body raises ``error`` once."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, body: bytes | None,
                  error: BaseException) -> None:
         self.calls, self.body, self.error, self.failed = 0, body, error, False
-        self._publish = aio_pika.Exchange.publish
-        monkeypatch.setattr(aio_pika.Exchange, 'publish', self._wrapped())
+        self._publish = aiormq.Channel.basic_publish
+        monkeypatch.setattr(aiormq.Channel, 'basic_publish', self._wrapped())
 
     def _wrapped(self) -> Any:
-        async def publish(exchange: aio_pika.Exchange, message: aio_pika.abc.AbstractMessage,
-                          routing_key: str, **kwargs: Any) -> Any:
+        async def publish(channel: aiormq.Channel, body: bytes, **kwargs: Any) -> Any:
             self.calls += 1
-            if not self.failed and self.body in (None, message.body):
+            if not self.failed and self.body in (None, body):
                 self.failed = True
                 raise self.error
-            return await self._publish(exchange, message, routing_key, **kwargs)
+            return await self._publish(channel, body, **kwargs)
         return publish
 
 

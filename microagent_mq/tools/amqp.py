@@ -237,10 +237,10 @@ class AMQPBroker(AbstractQueueBroker):
             if name and name not in exchanges:
                 exchanges[name] = await self._exchange_for(channel, name)
         if len(copies) == 1:
-            await send(channel, exchanges, copies[0])
+            await send(channel, copies[0])
             return [], None
         # every confirm awaited together: one wait for the batch
-        results = await asyncio.gather(*(send(channel, exchanges, c) for c in copies),
+        results = await asyncio.gather(*(send(channel, c) for c in copies),
                                        return_exceptions=True)
         failed, error = [], None
         for copy, result in zip(copies, results, strict=True):

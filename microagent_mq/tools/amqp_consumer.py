@@ -57,13 +57,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiormq.abc import AbstractChannel as Underlay
+from aiormq.abc import DeliveredMessage
 
 from ..queue import Queue
 from ..transport import Delivery, Subscription, now_s
 from .amqp_codec import attempt_of, headers_of, id_of, sent_at_of
 from .amqp_durability import declare_queue, delivery_count
+from .amqp_incoming import Pushed
 from .amqp_tx import Step, Transactions
 
 if TYPE_CHECKING:
@@ -85,7 +87,7 @@ class AMQPSubscription(Subscription):
         self._quorum = self._durability == 'quorum'
         self._capacity = capacity  # the QoS prefetch
         self._hand_out = hand_out  # most messages one fetch hands to the engine
-        self._incoming: deque[AbstractIncomingMessage] = deque()
+        self._incoming: deque[Pushed] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._channel: AbstractChannel | None = None
         self._underlay: Underlay | None = None  # the channel's aiormq channel
@@ -109,7 +111,9 @@ class AMQPSubscription(Subscription):
             await self._tx.select(underlay)
             channel.close_callbacks.add(lambda *_: self._wake())
             channel.return_callbacks.add(self._on_return)
-            self._tag = await consuming.consume(self._on_message, no_ack=False)
+            # On aiormq's channel: aio-pika's consume wraps each delivery (see amqp_incoming).
+            consume_ok = await underlay.basic_consume(self._name, self._on_delivered, no_ack=False)
+            self._tag = consume_ok.consumer_tag
         except BaseException:
             await _close(channel)
             raise
@@ -120,7 +124,10 @@ class AMQPSubscription(Subscription):
     def _closed(self) -> bool:
         return self._channel is None or self._channel.is_closed
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_delivered(self, delivered: DeliveredMessage) -> None:
+        message = Pushed(delivered)
+        # Noted on its own channel: it may come before open() has noted the channel.
+        self._tx.delivered(delivered.channel, message.delivery_tag)
         self._incoming.append(message)
         self._wake()
 
@@ -170,7 +177,7 @@ class AMQPSubscription(Subscription):
                 batch.append(self._delivery(message))
         return batch
 
-    async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
+    async def _count_redelivery(self, message: Pushed) -> None:
         # See the module's docstring: a redelivery is a crash, recorded in the message itself.
         delivery = self._delivery(message)
         await self._move(delivery, self._name, delivery.attempt + 1, 'crash count', requeue=False)
@@ -181,21 +188,21 @@ class AMQPSubscription(Subscription):
         await self._cancel()
 
     async def _cancel(self) -> None:
-        consuming, tag, self._tag = self._consuming, self._tag, None
-        if consuming is None or tag is None or self._closed():
+        underlay, tag, self._tag = self._underlay, self._tag, None
+        if underlay is None or tag is None or self._closed():
             return
         try:
-            await consuming.cancel(tag)
+            await underlay.basic_cancel(tag)
         except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
             self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
 
     async def ack(self, delivery: Delivery) -> None:
-        message: AbstractIncomingMessage = delivery.handle
+        message: Pushed = delivery.handle
         underlay = self._underlay_of(message)
         if underlay is None:
             self._log_stale(message, 'not acked')
             return
-        await self._tx.ack(underlay, message.ack)
+        await self._tx.ack(underlay, message.delivery_tag)
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
         await self._move(delivery, self._name, delivery.attempt + 1, 'retry', max(delay, 0.001))
@@ -214,7 +221,7 @@ class AMQPSubscription(Subscription):
                     delay: float = 0.0, headers: dict[str, Any] | None = None,
                     requeue: bool = True) -> None:
         """Publish a copy of ``delivery`` to ``target`` and ack the original, atomically."""
-        message: AbstractIncomingMessage = delivery.handle
+        message: Pushed = delivery.handle
         underlay, channel = self._underlay_of(message), self._channel
         if underlay is None or channel is None:
             self._log_stale(message, f'{what} skipped')
@@ -228,6 +235,7 @@ class AMQPSubscription(Subscription):
         steps.append(message.ack)
         try:
             await self._tx.atomically(underlay, *steps)
+            self._tx.settled(underlay, message.delivery_tag)
         except Exception as exc:
             if not requeue:
                 raise
@@ -237,11 +245,12 @@ class AMQPSubscription(Subscription):
                                      delivery.message_id, self._name, exc)
             await self._requeue(message, underlay)
 
-    async def _requeue(self, message: AbstractIncomingMessage, underlay: Underlay) -> None:
+    async def _requeue(self, message: Pushed, underlay: Underlay) -> None:
         if underlay.is_closed:
             return  # RabbitMQ requeued it with the channel
         try:
             await self._tx.atomically(underlay, lambda: message.nack(requeue=True))
+            self._tx.settled(underlay, message.delivery_tag)
         except Exception as exc:
             self._broker.log.info('Requeueing a message of %s failed: %r', self._name, exc)
 
@@ -263,7 +272,7 @@ class AMQPSubscription(Subscription):
             if self._channel is not None:
                 await _close(self._channel)
 
-    def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
+    def _delivery(self, message: Pushed) -> Delivery:
         delivery = _delivery(message)
         if self._quorum and message.redelivered:  # a producer's own header is no count
             returns = delivery_count(message)
@@ -272,7 +281,7 @@ class AMQPSubscription(Subscription):
             delivery.attempt += returns
         return delivery
 
-    def _underlay_of(self, message: AbstractIncomingMessage) -> Underlay | None:
+    def _underlay_of(self, message: Pushed) -> Underlay | None:
         """The open channel ``message`` came on; None when stale (RabbitMQ requeued it)."""
         underlay = self._underlay
         try:
@@ -280,13 +289,13 @@ class AMQPSubscription(Subscription):
         except Exception:  # aio-pika raises ChannelInvalidStateError for a closed channel
             return None
 
-    def _drop(self, message: AbstractIncomingMessage) -> None:
+    def _drop(self, message: Pushed) -> None:
         self._log_stale(message, 'dropped from the buffer')
         if len(self._dropped) >= MAX_DROPPED_IDS:  # those went to other consumers
             self._dropped.clear()
         self._dropped.add(_message_id(message))
 
-    def _was_dropped(self, message: AbstractIncomingMessage) -> bool:
+    def _was_dropped(self, message: Pushed) -> bool:
         dropped = self._dropped
         if not dropped:
             return False
@@ -296,18 +305,18 @@ class AMQPSubscription(Subscription):
             return True
         return False
 
-    def _log_stale(self, message: AbstractIncomingMessage, what: str) -> None:
+    def _log_stale(self, message: Pushed, what: str) -> None:
         self._broker.log.info('Message %s of %s came from a closed channel (RabbitMQ delivers '
                               'it again): %s', _message_id(message), self._name, what)
 
 
-def _delivery(message: AbstractIncomingMessage) -> Delivery:
+def _delivery(message: Pushed) -> Delivery:
     message_id, synthetic = id_of(message)
     return Delivery(message.body, message_id, attempt_of(message), message,
                     headers_of(message), sent_at_of(message), synthetic)
 
 
-def _message_id(message: AbstractIncomingMessage) -> str:
+def _message_id(message: Pushed) -> str:
     """The sender's id; for a foreign message without one, a stable id from its body."""
     return id_of(message)[0]
 

@@ -38,11 +38,12 @@ nacked or rejected with requeue goes to the back. So here:
 
 import re
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import ChannelPreconditionFailed
 from aiormq.abc import FieldTable
 
 from ..exceptions import ConfigurationError
+from .amqp_incoming import Readable
 
 ARGUMENTS: dict[str, FieldTable | None] = {
     'classic': None,  # as declared before quorum queues were an option
@@ -69,7 +70,7 @@ async def declare_queue(channel: AbstractChannel, name: str, durability: str) ->
             'messages to a queue of another name) first') from exc
 
 
-def delivery_count(message: AbstractIncomingMessage) -> int:
+def delivery_count(message: Readable) -> int:
     """How many times a quorum queue got ``message`` back unsettled (0 when never)."""
     value = message.headers.get('x-delivery-count', 0)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

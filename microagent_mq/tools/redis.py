@@ -37,6 +37,7 @@ from ..dsn import check_redis_db, cluster_nodes, mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable, ConfigurationError, QueueException
 from ..transport import DeadLetter, Outgoing, QueueStats, Retained, Subscription
 from . import redis_features as features
+from .redis_batcher import ScriptBatcher
 from .redis_cluster import (
     CLUSTER_ERRORS,
     REDIS_CLUSTER_SCHEMES,
@@ -105,6 +106,7 @@ class RedisBroker(AbstractQueueBroker):
         self._publishes = itertools.count()
         self._mark_block, self._mark_key = -1, ''
         self._next_trim = 0.0
+        self._sends = ScriptBatcher(lambda: self.client)
 
     # keys -------------------------------------------------------------------------------
 
@@ -181,6 +183,7 @@ class RedisBroker(AbstractQueueBroker):
             await asyncio.gather(self._mover, return_exceptions=True)
             self._mover = None
         self._delayed_watch.clear()
+        await self._sends.close()  # sends already made finish on this client
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -227,7 +230,11 @@ class RedisBroker(AbstractQueueBroker):
             raise features.queue_full(exc) or exc from None
 
     async def _eval(self, script: Any, *keys_and_args: Any, keys: int = 2) -> Any:
-        """EVALSHA straight (cheaper than redis-py's script wrapper on the send path)."""
+        """EVALSHA straight (cheaper than redis-py's script wrapper on the send path); on a
+        single Redis, sends made while one is in flight share the next round trip
+        (``redis_batcher``). A cluster's client routes each call to its slot's node itself."""
+        if not self.cluster:
+            return await self._sends.call(script, keys, *keys_and_args)
         try:
             return await self.client.evalsha(script.sha, keys, *keys_and_args)
         except NoScriptError:  # Redis restarted, or another node: EVAL runs and caches it
