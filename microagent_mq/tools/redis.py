@@ -145,13 +145,19 @@ class RedisBroker(AbstractQueueBroker):
             else:
                 self._client = aioredis.Redis.from_url(self.dsn, **options)
             self._scripts = Scripts(self._client)
-            self._levels = LevelScripts(self._client)
+            self._level_scripts = LevelScripts(self._client)
         return self._client
 
     @property
     def _connected(self) -> 'aioredis.Redis | None':
         """The client if connected, never making one (for work that must not reconnect)."""
         return self._client
+
+    @property
+    def _levels(self) -> LevelScripts:
+        """The scripts of queues with options, registered on the client."""
+        self.client  # noqa: B018 - connects on first use
+        return self._level_scripts
 
     @property
     def _lua(self) -> Scripts:
