@@ -4,6 +4,7 @@
 
 MODE ``hang``: note the message in DIR, then hang (the test kills the process).
 MODE ``record``: append each handled ``n`` to DIR/handled-PID.
+OPTIONS_JSON: the consumer's options; its key ``queue``, if any: the queue's own (``Queue(...)``).
 Prints ``ready`` once consuming; stops on SIGTERM.
 """
 
@@ -22,7 +23,7 @@ from .conftest import make_broker
 
 async def main(kind: str, namespace: str, queue_name: str, mode: str, folder: str,
                options: dict[str, Any]) -> None:
-    queue = Queue(queue_name)
+    queue = Queue(queue_name, **options.pop('queue', {}))
     out = Path(folder)
     pid = os.getpid()
 

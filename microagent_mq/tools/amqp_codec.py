@@ -23,8 +23,11 @@ from aio_pika.abc import AbstractIncomingMessage
 
 def outgoing_message(body: bytes, message_id: str, attempt: int, *,
                      headers: dict[str, Any] | None = None, sent_at: float = 0.0,
-                     extra: dict[str, Any] | None = None) -> aio_pika.Message:
-    """A persistent message; ``extra``: transport headers such as ``x-error``."""
+                     extra: dict[str, Any] | None = None, priority: int = 0) -> aio_pika.Message:
+    """A persistent message; ``extra``: transport headers such as ``x-error``.
+
+    ``priority``: the AMQP property, set only when above 0 (a plain message is unchanged).
+    """
     table: dict[str, Any] = {'x-attempt': attempt}
     if sent_at > 0:
         table['x-sent-at'] = epoch_ms(sent_at)
@@ -36,7 +39,13 @@ def outgoing_message(body: bytes, message_id: str, attempt: int, *,
         if isinstance(failed_at, float):
             table['x-failed-at'] = epoch_ms(failed_at)
     return aio_pika.Message(body, message_id=message_id, content_type='application/json',
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=table)
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=table,
+                            priority=priority or None)
+
+
+def priority_of(message: AbstractIncomingMessage) -> int:
+    """The message's AMQP priority (0 when it has none)."""
+    return message.priority or 0
 
 
 def epoch_ms(seconds: float) -> int:

@@ -62,8 +62,9 @@ from aiormq.abc import AbstractChannel as Underlay
 
 from ..queue import Queue
 from ..transport import Delivery, Subscription, now_s
-from .amqp_codec import attempt_of, headers_of, id_of, sent_at_of
+from .amqp_codec import attempt_of, headers_of, id_of, priority_of, sent_at_of
 from .amqp_durability import declare_queue, delivery_count
+from .amqp_options import due_name
 from .amqp_tx import Step, Transactions
 
 if TYPE_CHECKING:
@@ -89,8 +90,8 @@ class AMQPSubscription(Subscription):
         self._waiter: asyncio.Future[None] | None = None
         self._channel: AbstractChannel | None = None
         self._underlay: Underlay | None = None  # the channel's aiormq channel
-        self._consuming: AbstractQueue | None = None
-        self._tag: str | None = None
+        # (queue, consumer tag) of each queue consumed: the queue, and a bounded one's ``.due``
+        self._consumers: list[tuple[AbstractQueue, str]] = []
         self._fetching = True
         self._tx = Transactions(broker.log, queue.name, eager=capacity // 2)
         # Ids of messages dropped as stale: never handled, so their redelivery is no attempt.
@@ -103,17 +104,20 @@ class AMQPSubscription(Subscription):
         await channel.initialize()
         try:
             await channel.set_qos(prefetch_count=self._capacity)
-            consuming = await self._broker.declare(channel, self._queue)
+            queues = [await self._broker.declare(channel, self._queue)]
+            if self._queue.max_length:  # accepted messages re-enter there (amqp_options)
+                queues.append(await channel.get_queue(due_name(self._name), ensure=False))
             await declare_queue(channel, f'{self._name}.dlq', self._durability)
             underlay = await channel.get_underlay_channel()
             await self._tx.select(underlay)
             channel.close_callbacks.add(lambda *_: self._wake())
             channel.return_callbacks.add(self._on_return)
-            self._tag = await consuming.consume(self._on_message, no_ack=False)
+            consumers = [(queue, await queue.consume(self._on_message, no_ack=False))
+                         for queue in queues]
         except BaseException:
             await _close(channel)
             raise
-        self._channel, self._underlay, self._consuming = channel, underlay, consuming
+        self._channel, self._underlay, self._consumers = channel, underlay, consumers
         if not self._fetching:  # stopped while this opened
             await self._cancel()
 
@@ -181,13 +185,14 @@ class AMQPSubscription(Subscription):
         await self._cancel()
 
     async def _cancel(self) -> None:
-        consuming, tag, self._tag = self._consuming, self._tag, None
-        if consuming is None or tag is None or self._closed():
-            return
-        try:
-            await consuming.cancel(tag)
-        except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
-            self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
+        consumers, self._consumers = self._consumers, []
+        for consuming, tag in consumers:
+            if self._closed():
+                return
+            try:
+                await consuming.cancel(tag)
+            except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
+                self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
 
     async def ack(self, delivery: Delivery) -> None:
         message: AbstractIncomingMessage = delivery.handle
@@ -224,7 +229,8 @@ class AMQPSubscription(Subscription):
             steps.append(lambda: declare_queue(channel, target, self._durability))
         steps.append(lambda: self._broker.republish(
             target, delivery.body, delivery.message_id, attempt, delay, headers=headers,
-            user_headers=delivery.headers, sent_at=delivery.sent_at, channel=channel))
+            user_headers=delivery.headers, sent_at=delivery.sent_at, channel=channel,
+            priority=delivery.priority))
         steps.append(message.ack)
         try:
             await self._tx.atomically(underlay, *steps)
@@ -304,7 +310,7 @@ class AMQPSubscription(Subscription):
 def _delivery(message: AbstractIncomingMessage) -> Delivery:
     message_id, synthetic = id_of(message)
     return Delivery(message.body, message_id, attempt_of(message), message,
-                    headers_of(message), sent_at_of(message), synthetic)
+                    headers_of(message), sent_at_of(message), synthetic, priority_of(message))
 
 
 def _message_id(message: AbstractIncomingMessage) -> str:
