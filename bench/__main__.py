@@ -2,7 +2,9 @@
 
 Prints a table with the ratio of microagent_mq to the raw client doing the same work, and
 writes ``bench/results.json``. Scenario ``publish`` compares microagent_mq with itself:
-publishing a dataclass ``Message`` (``<broker>-typed``) against sending the same dict.
+publishing a dataclass ``Message`` (``<broker>-typed``) against sending the same dict; so do
+``retention`` and ``priority``: end to end on a queue with ``retention`` (or ``max_priority``,
+sends with priorities 0-2) against the same on a plain queue.
 Needs Redis (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and NATS with JetStream (127.0.0.1:4222).
 """
 
@@ -19,13 +21,16 @@ ROUNDS = 3
 PLAN = {
     'memory': [('produce', 100_000, 'msg_per_s'), ('end_to_end', 100_000, 'msg_per_s'),
                ('drain', 100_000, 'msg_per_s'), ('round_trip', 1000, 'p50_us'),
-               ('publish', 100_000, 'cpu_us')],
+               ('publish', 100_000, 'cpu_us'), ('retention', 100_000, 'msg_per_s'),
+               ('priority', 100_000, 'msg_per_s')],
     'redis': [('produce', 5000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
               ('end_to_end', 5000, 'msg_per_s'), ('drain', 20_000, 'msg_per_s'),
-              ('round_trip', 1000, 'p50_us'), ('publish', 5000, 'cpu_us')],
+              ('round_trip', 1000, 'p50_us'), ('publish', 5000, 'cpu_us'),
+              ('retention', 5000, 'msg_per_s'), ('priority', 5000, 'msg_per_s')],
     'amqp': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
              ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
-             ('round_trip', 1000, 'p50_us'), ('publish', 3000, 'cpu_us')],
+             ('round_trip', 1000, 'p50_us'), ('publish', 3000, 'cpu_us'),
+             ('retention', 3000, 'msg_per_s'), ('priority', 3000, 'msg_per_s')],
     'nats': [('produce', 3000, 'msg_per_s'), ('send_many', 10_000, 'msg_per_s'),
              ('end_to_end', 3000, 'msg_per_s'), ('drain', 10_000, 'msg_per_s'),
              ('round_trip', 1000, 'p50_us')],
@@ -36,6 +41,8 @@ def compared(broker: str, scenario: str) -> tuple[str, str]:
     """The two systems a scenario compares: (ours, the baseline)."""
     if scenario == 'publish':  # a dataclass published vs the same dict sent, both ours
         return f'{broker}-typed', broker
+    if scenario in ('retention', 'priority'):  # a queue with the option vs a plain one, both ours
+        return f'{broker}-{scenario}', broker
     return broker, f'{broker}-raw'
 
 

@@ -96,6 +96,8 @@ def _peak_rss_mb() -> float:
 SCENARIOS: dict[str, Any] = {
     'produce': produce, 'send_many': send_many, 'end_to_end': end_to_end, 'drain': drain,
     'round_trip': round_trip, 'publish': publish,
+    # end to end on a queue with options, against the plain queue (``compared`` in __main__)
+    'retention': end_to_end, 'priority': end_to_end,
 }
 
 

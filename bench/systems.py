@@ -82,9 +82,9 @@ class Ours(System):
         self.kind = kind
 
     async def setup(self) -> None:
-        from microagent_mq import MicroAgent, Queue, consumer
+        from microagent_mq import MicroAgent, consumer
 
-        queue = Queue(self.queue)
+        queue = self.declare()
         handled = self.handled
 
         class BenchAgent(MicroAgent):
@@ -108,6 +108,11 @@ class Ours(System):
         self.bound = getattr(self.broker, self.queue)
         await self.bound.length()  # connect before timing
 
+    def declare(self) -> Any:
+        from microagent_mq import Queue
+
+        return Queue(self.queue)
+
     async def send(self, data: dict[str, Any]) -> None:
         await self.bound.send(data)
 
@@ -121,6 +126,31 @@ class Ours(System):
         await self.agent.stop(grace=1)
         await self.broker.close()
         await _cleanup(self.kind, self.queue)
+
+
+class OursWithOptions(Ours):
+    """microagent_mq on a queue declared with options (issue 13), sending as ``Ours`` does.
+
+    ``priority``: sends carry priorities 0-2 in turn (the queue has ``max_priority=2``).
+    """
+
+    def __init__(self, kind: str, priority: bool = False, **options: Any) -> None:
+        super().__init__(kind)
+        self.options = {'max_priority': 2, **options} if priority else options
+        self.priority = priority
+        self.sent = 0
+
+    def declare(self) -> Any:
+        from microagent_mq import Queue
+
+        return Queue(self.queue, **self.options)
+
+    async def send(self, data: dict[str, Any]) -> None:
+        if self.priority:
+            self.sent += 1
+            await self.bound.send(data, priority=self.sent % 3)
+        else:
+            await self.bound.send(data)
 
 
 class OursTyped(Ours):
@@ -309,7 +339,10 @@ async def _cleanup(kind: str, queue: str) -> None:
     if kind == 'redis':
         import redis.asyncio as aioredis
         r = aioredis.Redis.from_url(REDIS_DSN)
-        await r.delete(f'bench:{queue}', f'bench:{queue}.dlq', f'bench:{queue}:delayed')
+        # the stream, its dead letters, delayed set and priority levels; nobody else's keys
+        keys = [key async for key in r.scan_iter(match=f'bench:{queue}*', count=1000)]
+        if keys:
+            await r.delete(*keys)
         await r.aclose()
     elif kind == 'nats':
         import nats
@@ -327,8 +360,8 @@ async def _cleanup(kind: str, queue: str) -> None:
         connection = await aio_pika.connect(AMQP_DSN)
         async with connection:
             channel = await connection.channel()
-            await channel.queue_delete(queue)
-            await channel.queue_delete(f'{queue}.dlq')
+            for suffix in ('', '.dlq', '.journal', '.bindings'):
+                await channel.queue_delete(f'{queue}{suffix}')
 
 
 SYSTEMS: dict[str, Callable[[], System]] = {
@@ -344,3 +377,7 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     'nats': lambda: Ours('nats'),
     'nats-raw': RawNATS,
 }
+# Queues with options (issue 13), compared with the plain queue of the same broker.
+for _kind in ('memory', 'redis', 'amqp'):
+    SYSTEMS[f'{_kind}-retention'] = lambda kind=_kind: OursWithOptions(kind, retention='1h')
+    SYSTEMS[f'{_kind}-priority'] = lambda kind=_kind: OursWithOptions(kind, priority=True)

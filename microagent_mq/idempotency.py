@@ -11,6 +11,7 @@ handles that message again. Two copies of one id handled at the same moment (con
 or two consumers) may both run, since neither is recorded yet.
 """
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -21,6 +22,10 @@ from .exceptions import ConfigurationError
 if TYPE_CHECKING:
     from .consumer import Consumer
     from .transport import Delivery
+
+# A store that does not answer within this long counts as unavailable: a hung store must not
+# hold a message (and its consumer's slot) forever; handling is the at-least-once answer.
+STORE_TIMEOUT_S = 5.0
 
 
 @runtime_checkable
@@ -121,7 +126,8 @@ class Idempotency:
             # kept across copies, so it would skip a message nobody handled.
             return False
         try:
-            seen = await self._store.seen(self._queue, delivery.message_id)
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                seen = await self._store.seen(self._queue, delivery.message_id)
         except Exception:
             # Handling it is the at-least-once answer; skipping could lose it.
             self.log.warning('Idempotency store unavailable; handling %s of %s without the check',
@@ -138,7 +144,8 @@ class Idempotency:
         if not delivery.message_id or delivery.synthetic_id:
             return
         try:
-            await self._store.record(self._queue, delivery.message_id, self._window)
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                await self._store.record(self._queue, delivery.message_id, self._window)
         except Exception:
             self.log.warning('Could not record %s of %s as handled; a redelivery would run again',
                              delivery.message_id, self._queue, exc_info=True)

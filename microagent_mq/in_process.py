@@ -5,18 +5,19 @@ only how time passes differs (the clock behind ``put``). The primitives below wo
 queue with ``ready``, ``delayed`` and ``dead`` and a ``put``.
 """
 
-from collections import deque
 from typing import Any, Protocol
 
-from .transport import DeadLetter, Delivery
+from .in_process_options import Journal
+from .transport import DeadLetter, Delivery, Retained
 
 
 class InProcessQueue(Protocol):
     """The part of an in-process queue these primitives use."""
 
-    ready: deque[Delivery]
+    ready: Any  # deque[Delivery], or LeveledReady with priorities
     delayed: list[Any]
     dead: list[DeadLetter]
+    journal: 'Journal | None'
 
     def put(self, delivery: Delivery, delay: float = 0.0) -> None: ...
 
@@ -47,6 +48,13 @@ class InProcessPrimitives:
         queue.delayed.clear()
         return count
 
+    async def _retained(self, name: str, since: float | None, until: float | None,
+                        after: Any, limit: int) -> tuple[list[Retained], Any]:
+        journal = self._get(name).journal
+        if journal is None:  # declared with retention after the queue was first used
+            return [], None
+        return journal.read(since, until, after, limit)
+
     async def _purge_dead_letters(self, name: str) -> int:
         queue = self._get(name)
         count, queue.dead = len(queue.dead), []
@@ -63,4 +71,5 @@ class InProcessPrimitives:
 
 def requeued(letter: DeadLetter) -> Delivery:
     """A dead letter as a first attempt again, with the sender's headers (its type) and stamp."""
-    return Delivery(letter.body, letter.message_id, 1, None, letter.headers, letter.sent_at)
+    return Delivery(letter.body, letter.message_id, 1, None, letter.headers, letter.sent_at,
+                    priority=letter.priority)

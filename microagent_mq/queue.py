@@ -136,6 +136,11 @@ class Queue:
         check_max_priority(self.max_priority, where)
         check_max_length(self.max_length, where)
         check_overflow(self.overflow, where)
+        if self.overflow == 'drop_oldest' and self.max_priority:
+            # Which message is 'oldest' among levels differs by broker (RabbitMQ drops the head,
+            # its highest priority): refused rather than different on each.
+            raise ConfigurationError(f"{where}overflow 'drop_oldest' cannot be combined with "
+                                     f"max_priority: use overflow 'reject'")
         self._register()
 
     def _register(self) -> None:
@@ -151,6 +156,15 @@ class Queue:
         self._registry[self.name] = self
         if self.exchange:
             self._exchanges[self.exchange] = (*self._exchanges.get(self.exchange, ()), self)
+
+    def __repr__(self) -> str:
+        # Only what differs from the defaults: a plain queue reads as Queue(name='invoices').
+        shown = [f'name={self.name!r}']
+        for option, spec in self.__dataclass_fields__.items():
+            value = getattr(self, option)
+            if option != 'name' and not option.startswith('_') and value != spec.default:
+                shown.append(f'{option}={value!r}')
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     @property
     def retention_s(self) -> float:

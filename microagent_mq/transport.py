@@ -93,6 +93,7 @@ class DeadLetter:
     # typed message keeps its type. Transports that keep them on the wire may leave these empty.
     headers: dict[str, Any] | None = None
     sent_at: float = 0.0
+    priority: int = 0  # kept when requeued; 0 where a transport does not keep it
 
     @property
     def data(self) -> Any:

@@ -140,7 +140,9 @@ async def test_broker_attribute_access_and_send_errors() -> None:
         _ = broker.nope
     with pytest.raises(QueueNotFound):
         await broker.send('nope', {'a': 1})
-    with pytest.raises(ConfigurationError, match=r"unknown send options \['priority'\]"):
+    with pytest.raises(ConfigurationError, match=r"unknown send options \['urgency'\]"):
+        await broker.mailer.send({'a': 1}, urgency=3)
+    with pytest.raises(ConfigurationError, match="queue 'mailer' has no priorities"):
         await broker.mailer.send({'a': 1}, priority=3)
     with pytest.raises(ConfigurationError, match='invalid topic'):
         await broker.events.send({'a': 1}, topic='a..b')

@@ -1,5 +1,6 @@
 """Idempotent consumers: an id handled successfully within the window is acked, not handled again."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -161,6 +162,34 @@ async def test_the_remaining_window_handler_done_record_missing(failure: str) ->
     await calls.wait_for(2)
     assert agent.info()['consumers'][0]['duplicates'] == 0
     await agent.stop()
+
+
+class HungStore(FlakyStore):
+    """A store that never answers (a network partition without a reset)."""
+
+    async def seen(self, queue: str, message_id: str) -> bool:
+        await asyncio.Event().wait()
+        return False
+
+    async def record(self, queue: str, message_id: str, window_s: float) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_hung_store_does_not_hold_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(idempotency, 'STORE_TIMEOUT_S', 0.05)
+    broker = make_broker('memory', unique('ns'))
+    queue, calls = Queue(unique()), Calls()
+    agent = agent_class(queue, calls, idempotent=True, idempotency_store=HungStore())(broker=broker)
+    await agent.start()
+    for n in range(3):
+        await broker.send(queue.name, {'n': n})
+    assert [item['n'] for item in await calls.wait_for(3)] == [0, 1, 2]
+    await wait_until(lambda: _length_is(broker, queue.name, 0), what='every message acked')
+    await agent.stop()
+
+
+async def _length_is(broker: AbstractQueueBroker, name: str, expected: int) -> bool:
+    return await broker.queue_length(name) == expected
 
 
 async def test_the_window_expires(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,15 +46,9 @@ def test_bad_options_are_refused_with_one_line(option: str, value: object, messa
         Queue('q', **{option: value})  # type: ignore[arg-type]
 
 
-def test_declarations_carry_every_option(tmp_path: Path) -> None:
-    queues = load_queues(write(tmp_path, '{"queues": [{"name": "audit", "retention": "15m"},'
-                                         ' {"name": "jobs", "max_priority": 3, "max_length": 100,'
-                                         ' "overflow": "drop_oldest"}, {"name": "plain"}]}'))
-    assert queues.audit == Queue('audit', retention=900)
-    assert queues.jobs.max_priority == 3
-    assert (queues.jobs.max_length, queues.jobs.overflow) == (100, 'drop_oldest')
-    assert (queues.plain.retention, queues.plain.max_priority, queues.plain.max_length,
-            queues.plain.overflow) == (0.0, 0, 0, 'reject')
+def test_drop_oldest_and_priorities_do_not_mix() -> None:
+    with pytest.raises(ConfigurationError, match="'drop_oldest' cannot be combined with max_priority"):
+        Queue('q', max_priority=2, max_length=5, overflow='drop_oldest')
 
 
 @pytest.mark.parametrize(('spec', 'message'), [
@@ -122,3 +116,38 @@ def test_the_time_window_takes_datetimes_epochs_and_iso_strings() -> None:
     assert epoch('2026-11-27T10:00', 'since') == moment.timestamp()
     assert epoch(1700000000, 'since') == 1700000000.0
     assert epoch(None, 'since') is None
+
+
+async def test_the_null_broker_records_the_priority() -> None:
+    Queue('jobs', max_priority=3)
+    broker = NullBroker()
+    await broker.send('jobs', {'n': 1}, priority=2)
+    await broker.send('jobs', {'n': 2})
+    assert [(p.data['n'], p.priority) for p in broker.published] == [(1, 2), (2, 0)]
+
+
+async def test_the_test_broker_keeps_priorities_bounds_and_history() -> None:
+    from microagent_mq import MicroAgent, QueueFull, consumer
+    from microagent_mq.testing import TestBroker
+
+    jobs = Queue('jobs', max_priority=2, max_length=4, retention='1h')
+    seen: list[int] = []
+
+    class Agent(MicroAgent):
+        @consumer(jobs)
+        async def handle(self, n: int) -> None:
+            seen.append(n)
+
+    broker = TestBroker()
+    await Agent(broker=broker).start()
+    for n, priority in ((1, 0), (2, 2), (3, 1), (4, 2)):
+        await broker.send('jobs', {'n': n}, priority=priority)
+    with pytest.raises(QueueFull):
+        await broker.send('jobs', {'n': 5})
+    await broker.process_messages()
+    assert seen == [2, 4, 3, 1]
+    assert [e.data['n'] for e in await broker.history('jobs')] == [1, 2, 3, 4]
+    assert await broker.replay('jobs', since=0) == 4
+    await broker.process_messages()
+    assert seen == [2, 4, 3, 1, 2, 4, 3, 1]  # replayed with their priorities
+    await broker.close()

@@ -21,7 +21,7 @@ from ..dsn import mask_dsn
 from ..exceptions import QueueException
 from ..factory import broker_from_dsn
 from ..loader import load_queues
-from . import admin
+from . import admin, history
 from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, CLIError
 from .logs import FORMATS, LEVELS, setup_logging
 from .observe import Observers
@@ -59,6 +59,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'expected a whole number, not {text!r}') from None
     if value < 1:
         raise argparse.ArgumentTypeError(f'expected 1 or more, not {value}')
+    return value
+
+
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a priority from 0 to 9, not {text!r}') from None
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f'expected a priority from 0 to 9, not {value}')
     return value
 
 
@@ -139,10 +149,13 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument('message', metavar='JSON')
     send.add_argument('--topic', default='', help='routing key, for an exchange')
     send.add_argument('--delay', type=_seconds, default=0.0, help='seconds before delivery')
+    send.add_argument('--priority', type=_priority, default=None,
+                      help="0 to the queue's max_priority; higher is delivered first")
     length = commands.add_parser('length', parents=[common], help='print a queue length')
     length.add_argument('queue')
     _add_outbox(commands, common)
     admin.add_commands(commands, common, _positive_int)
+    history.add_commands(commands, common, _positive_int)
     return root
 
 
@@ -197,8 +210,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                     args.command, args.broker)
     if args.command in admin.COMMANDS:
         return admin.dispatch(args, broker)
+    if args.command in history.COMMANDS:
+        return history.dispatch(args, broker)
     if args.command == 'send':
-        asyncio.run(send(broker, args.queue, args.message, topic=args.topic, delay=args.delay))
+        options: dict[str, Any] = {'topic': args.topic, 'delay': args.delay}
+        if args.priority is not None:
+            options['priority'] = args.priority
+        asyncio.run(send(broker, args.queue, args.message, **options))
     else:
         print(asyncio.run(length(broker, args.queue)))
     return EXIT_OK

@@ -26,7 +26,8 @@ class Published:
     ``queue``: the name it was sent to (a queue, or an exchange); ``queues``: the queues that
     take a copy of it (for an exchange: those whose topics match); ``data``: the body parsed
     back from JSON, exactly as a consumer would get it; ``message``: the ``Message`` object
-    when one was published (None for a dict sent); ``delay``: seconds, 0.0 when none.
+    when one was published (None for a dict sent); ``delay``: seconds, 0.0 when none;
+    ``priority``: as sent (0 when none).
     """
 
     queue: str
@@ -37,6 +38,7 @@ class Published:
     delay: float = 0.0
     queues: tuple[str, ...] = ()
     message_id: str = ''
+    priority: int = 0
 
 
 @dataclass(repr=False, eq=False)
@@ -101,6 +103,7 @@ class NullBroker(AbstractQueueBroker):
             delay=outgoing.delay,
             queues=outgoing.queues,
             message_id=outgoing.message_id,
+            priority=outgoing.priority,
         )
         self.published.append(record)
         return record

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..exceptions import QueueException
+from ..in_process_options import Journal
 from ..transport import DeadLetter, Delivery, Subscription, now_s
 from .clock import VirtualClock
 
@@ -28,6 +29,10 @@ class VirtualQueue:
     delayed: list[tuple[float, int, Delivery]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     on_ready: Callable[[], None] = _nothing  # the wake of the subscription reading it
+    # The declaration's options (in_process_options.configure): none by default.
+    journal: Journal | None = None
+    max_length: int = 0
+    drop_oldest: bool = False
 
     def put(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delay > 0:
@@ -152,14 +157,15 @@ class VirtualSubscription(Subscription):
 
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
         self.queue.put(Delivery(delivery.body, delivery.message_id, delivery.attempt + 1, None,
-                                delivery.headers, delivery.sent_at), delay)
+                                delivery.headers, delivery.sent_at, priority=delivery.priority),
+                       delay)
         self._activity.retried += 1
         self._settled(1)
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         self.queue.dead.append(DeadLetter(self.name, delivery.message_id, delivery.body, error,
                                           delivery.attempt, now_s(), delivery.headers,
-                                          delivery.sent_at))
+                                          delivery.sent_at, delivery.priority))
         self._activity.dead_lettered += 1
         self._settled(1)
 

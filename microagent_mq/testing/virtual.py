@@ -12,7 +12,8 @@ from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..exceptions import QueueException
 from ..in_process import InProcessPrimitives
-from ..transport import Delivery, Outgoing, QueueStats, Subscription
+from ..in_process_options import configure, store
+from ..transport import Outgoing, QueueStats, Subscription
 from .capture import HandlerErrorLog
 from .clock import VirtualClock, check_seconds
 from .queues import Activity, VirtualQueue, VirtualSubscription
@@ -158,15 +159,11 @@ class TestBroker(InProcessPrimitives, AbstractQueueBroker):
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = VirtualQueue(self.clock)
+            configure(queue, name)
         return queue
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
-        for message in batch:
-            for name in message.queues:
-                # A copy per queue, as a real broker's wire gives: the sender may reuse its dict.
-                headers = dict(message.headers) if message.headers is not None else None
-                self._get(name).put(Delivery(message.body, message.message_id, 1, None,
-                                             headers, message.sent_at), message.delay)
+        store(self._get, batch)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         self._loop = asyncio.get_running_loop()

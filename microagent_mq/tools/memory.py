@@ -13,6 +13,7 @@ from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import parse_dsn
 from ..in_process import InProcessPrimitives
+from ..in_process_options import Journal, configure, store
 from ..transport import DeadLetter, Delivery, Outgoing, QueueStats, Subscription, now_s
 
 IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
@@ -27,6 +28,10 @@ class MemoryQueue:
     dead: list[DeadLetter] = field(default_factory=list)
     waiters: list['asyncio.Future[None]'] = field(default_factory=list)
     in_flight: int = 0  # fetched by a consumer, not settled yet (for stats)
+    # The declaration's options (in_process_options.configure): none by default.
+    journal: Journal | None = None
+    max_length: int = 0
+    drop_oldest: bool = False
 
     def put(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delay > 0:
@@ -69,17 +74,11 @@ class MemoryBroker(InProcessPrimitives, AbstractQueueBroker):
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = MemoryQueue()
+            configure(queue, name)
         return queue
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
-        for message in batch:
-            for name in message.queues:
-                # A copy of exact size: orjson's output keeps a 4 KiB buffer behind it.
-                body = bytes(memoryview(message.body))
-                # A copy per queue, as a real broker's wire gives: the sender may reuse its dict.
-                headers = dict(message.headers) if message.headers is not None else None
-                self._get(name).put(Delivery(body, message.message_id, 1, None, headers,
-                                             message.sent_at), message.delay)
+        store(self._get, batch)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         return MemorySubscription(self._get(consumer.queue.name), consumer.queue.name)
@@ -146,13 +145,14 @@ class MemorySubscription(Subscription):
     async def retry_later(self, delivery: Delivery, delay: float, error: str) -> None:
         self._queue.in_flight -= 1
         self._queue.put(Delivery(delivery.body, delivery.message_id, delivery.attempt + 1, None,
-                                 delivery.headers, delivery.sent_at), delay)
+                                 delivery.headers, delivery.sent_at, priority=delivery.priority),
+                        delay)
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         self._queue.in_flight -= 1
         self._queue.dead.append(DeadLetter(self._name, delivery.message_id, delivery.body,
                                            error, delivery.attempt, now_s(), delivery.headers,
-                                           delivery.sent_at))
+                                           delivery.sent_at, delivery.priority))
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         self._queue.in_flight -= len(deliveries)
