@@ -68,6 +68,14 @@ def test_plain_queue_declares_as_before() -> None:
     assert queue_arguments(Queue(unique(), retention=60), 'classic') is None
 
 
+def test_quorum_reject_queue_is_told_one_less() -> None:
+    # 3.10 quorum queues refuse only once over the limit: x-max-length 3 would hold 4.
+    assert queue_arguments(Queue(unique(), max_length=3), 'quorum') == {
+        'x-queue-type': 'quorum', 'x-max-length': 2, 'x-overflow': 'reject-publish'}
+    assert queue_arguments(Queue(unique(), max_length=3, overflow='drop_oldest'), 'quorum') == {
+        'x-queue-type': 'quorum', 'x-max-length': 3, 'x-overflow': 'drop-head'}
+
+
 def test_journal_arguments_have_units() -> None:
     assert journal_arguments(2) == {'x-queue-type': 'stream', 'x-max-age': '2s',
                                     'x-stream-max-segment-size-bytes': 100_000}

@@ -113,8 +113,9 @@ async def read(connection: 'AbstractRobustConnection', queue: Queue, since: floa
     async with connection.channel(publisher_confirms=True) as channel:
         await declare_journal(channel, queue)
         await channel.default_exchange.publish(end, name)
+    # Never from a time to come: the mark, written now, would be skipped and never seen.
     start: Any = after + 1 if isinstance(after, int) else datetime.fromtimestamp(
-        max(low - SKEW_S, 0), tz=UTC)
+        max(min(low, time.time()) - SKEW_S, 0), tz=UTC)
     reader = _Reader(queue.name, end.message_id or '', low, until, after, limit)
     reader.keep_unknown = since is None
     async with connection.channel(publisher_confirms=False) as channel:

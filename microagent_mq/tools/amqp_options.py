@@ -11,7 +11,8 @@ declared with exactly the arguments it had before (``amqp_durability.ARGUMENTS``
   so that combination is a ``ConfigurationError`` before anything is declared.
 - **Bounds**: ``x-max-length`` with ``x-overflow`` ``reject-publish`` (a full queue nacks the
   publish: ``QueueFull``) or ``drop-head`` (``drop_oldest``). RabbitMQ counts ready messages
-  only, as ``queue_length`` does.
+  only, as ``queue_length`` does. A quorum queue refuses only once it is *over* its limit
+  (3.10, measured), so a quorum ``reject`` queue is declared with ``x-max-length`` one less.
 - **Retries of a bounded queue never meet its bound.** RabbitMQ drops a message dead-lettered
   into a full ``reject-publish`` queue (classic dead-lettering is at most once: the delay ladder
   delivers that way), and a transaction publishing into one fails as a whole (measured:
@@ -50,6 +51,10 @@ def queue_arguments(queue: Queue, durability: str, bounded: bool = True) -> Fiel
         arguments['x-max-priority'] = queue.max_priority
     if bounded and queue.max_length:
         arguments['x-max-length'] = queue.max_length
+        if durability == 'quorum' and queue.overflow == 'reject':
+            # A 3.10 quorum queue refuses a publish only once it holds more than its limit
+            # (measured: x-max-length 3 takes a 4th message), so it is told one less.
+            arguments['x-max-length'] = queue.max_length - 1
         arguments['x-overflow'] = OVERFLOW[queue.overflow]
     return arguments
 
