@@ -21,6 +21,8 @@ from microagent_mq.tools.amqp_consumer import AMQPSubscription
 from microagent_mq.tools.amqp_durability import ARGUMENTS
 from microagent_mq.tools.amqp_journal import journal_arguments, journal_name, segment_bytes
 from microagent_mq.tools.amqp_options import due_name, queue_arguments
+from microagent_mq.tools.amqp_publish import copies_of
+from microagent_mq.transport import Outgoing
 
 from .conftest import AMQP_DSN, Calls, cleanup, make_broker, unique, wait_until
 from .test_crash import Workers
@@ -74,6 +76,21 @@ def test_quorum_reject_queue_is_told_one_less() -> None:
         'x-queue-type': 'quorum', 'x-max-length': 2, 'x-overflow': 'reject-publish'}
     assert queue_arguments(Queue(unique(), max_length=3, overflow='drop_oldest'), 'quorum') == {
         'x-queue-type': 'quorum', 'x-max-length': 3, 'x-overflow': 'drop-head'}
+
+
+def test_copies_of_each_kind_of_send() -> None:
+    plain, kept = Queue(unique()), Queue(unique(), retention=60)
+    bounded = Queue(unique(), retention=60, max_length=5)
+
+    def copies(queue: Queue, delay: float = 0.0) -> list[tuple[str, str]]:
+        message = Outgoing(b'{}', 'id', (queue.name,), delay=delay)
+        return [(c.delayed_to, c.journal) for c in copies_of(message)]
+
+    assert copies(plain) == [('', '')]  # one publish, as before
+    assert copies(kept) == [('', '')]  # one publish, with BCC
+    assert copies(bounded) == [('', ''), ('', journal_name(bounded.name))]
+    assert copies(kept, 1) == [(kept.name, ''), ('', journal_name(kept.name))]
+    assert copies(bounded, 1) == [(due_name(bounded.name), ''), ('', journal_name(bounded.name))]
 
 
 def test_journal_arguments_have_units() -> None:
