@@ -15,7 +15,16 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelPreconditionFailed
 
-from microagent_mq import ConfigurationError, MessageInfo, MicroAgent, Queue, QueueFull, Retry, consumer
+from microagent_mq import (
+    ConfigurationError,
+    MessageInfo,
+    MicroAgent,
+    Queue,
+    QueueFull,
+    Reject,
+    Retry,
+    consumer,
+)
 from microagent_mq.tools.amqp import AMQPBroker
 from microagent_mq.tools.amqp_consumer import AMQPSubscription
 from microagent_mq.tools.amqp_durability import ARGUMENTS
@@ -174,6 +183,39 @@ async def test_retry_keeps_its_priority(amqp: AMQPBroker) -> None:
     # Without its priority the retry would come after 2 and 3.
     assert [(c['n'], c['attempt']) for c in await calls.wait_for(5)] == [
         (0, 1), (1, 1), (0, 2), (2, 1), (3, 1)]
+
+
+async def peek_priority(name: str) -> int | None:
+    """The priority property of the first message of ``name``, left in place."""
+    connection = await aio_pika.connect(AMQP_DSN)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        message = await queue.get(no_ack=False, fail=False)
+        return None if message is None else message.priority
+
+
+async def test_dead_letter_and_its_requeue_keep_the_priority(amqp: AMQPBroker) -> None:
+    queue, calls = Queue(unique(), max_priority=3), Calls()
+
+    class Agent(MicroAgent):
+        @consumer(queue, concurrency=1)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n})
+            raise Reject('no')
+
+    agent = Agent(broker=amqp)
+    await agent.start()
+    await amqp.send(queue.name, {'n': 1}, priority=2)
+    await wait_until(lambda: _dead_count(amqp, queue.name, 1), what='the dead letter')
+    await agent.stop()
+    assert await peek_priority(f'{queue.name}.dlq') == 2
+    assert await amqp.requeue_dead_letters(queue.name) == 1
+    assert await peek_priority(queue.name) == 2
+
+
+async def _dead_count(broker: AMQPBroker, name: str, expected: int) -> bool:
+    return len(await broker.dead_letters(name)) == expected
 
 
 # retention ------------------------------------------------------------------------------
