@@ -1,6 +1,7 @@
 """The systems measured: microagent_mq on each broker, and the raw client doing the same work."""
 
 import asyncio
+import os
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -11,6 +12,9 @@ from typing import Any
 import orjson
 
 REDIS_DSN = 'redis://127.0.0.1:6379/14'
+# A Redis Cluster of your own for the redis_cluster system (none is started here), e.g.
+# BENCH_REDIS_CLUSTER_DSN=redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002
+REDIS_CLUSTER_DSN_VAR = 'BENCH_REDIS_CLUSTER_DSN'
 AMQP_DSN = 'amqp://guest:guest@127.0.0.1:5672/'
 NATS_DSN = 'nats://127.0.0.1:4222'
 BATCH = 32  # the raw consumers fetch / prefetch as many as ours does by default (+1 handler)
@@ -98,6 +102,9 @@ class Ours(System):
         elif self.kind == 'redis':
             from microagent_mq.tools.redis import RedisBroker
             self.broker = RedisBroker(REDIS_DSN, prefix='bench:')
+        elif self.kind == 'redis_cluster':
+            from microagent_mq.tools.redis import RedisBroker
+            self.broker = RedisBroker(os.environ[REDIS_CLUSTER_DSN_VAR], prefix='bench:')
         elif self.kind == 'nats':
             from microagent_mq.tools.nats import NATSBroker
             self.broker = NATSBroker(NATS_DSN, prefix='bench')
@@ -344,6 +351,13 @@ async def _cleanup(kind: str, queue: str) -> None:
         if keys:
             await r.delete(*keys)
         await r.aclose()
+    elif kind == 'redis_cluster':
+        from microagent_mq.tools.redis import RedisBroker
+        admin = RedisBroker(os.environ[REDIS_CLUSTER_DSN_VAR], prefix='bench:')
+        keys = [k async for k in admin.client.scan_iter(match=f'bench:{{{queue}}}*')]
+        if keys:
+            await admin.client.delete(*keys)
+        await admin.close()
     elif kind == 'nats':
         import nats
         import nats.js.errors
@@ -372,6 +386,7 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     'amqp-typed': lambda: OursTyped('amqp'),
     'redis': lambda: Ours('redis'),
     'redis-raw': RawRedis,
+    'redis_cluster': lambda: Ours('redis_cluster'),
     'amqp': lambda: Ours('amqp'),
     'amqp-raw': RawAMQP,
     'nats': lambda: Ours('nats'),

@@ -12,6 +12,8 @@ BROKERS = {
     'redis': ('microagent_mq.tools.redis', 'RedisBroker'),
     'rediss': ('microagent_mq.tools.redis', 'RedisBroker'),
     'unix': ('microagent_mq.tools.redis', 'RedisBroker'),
+    'redis+cluster': ('microagent_mq.tools.redis', 'RedisBroker'),
+    'rediss+cluster': ('microagent_mq.tools.redis', 'RedisBroker'),
     'amqp': ('microagent_mq.tools.amqp', 'AMQPBroker'),
     'amqps': ('microagent_mq.tools.amqp', 'AMQPBroker'),
     'nats': ('microagent_mq.tools.nats', 'NATSBroker'),
@@ -19,7 +21,8 @@ BROKERS = {
 
 
 def broker_from_dsn(dsn: str, **options: Any) -> AbstractQueueBroker:
-    """The broker for a ``memory://``, ``redis(s)://``, ``unix://``, ``amqp(s)://`` or ``nats://`` DSN."""
+    """The broker for a ``memory://``, ``redis(s)://``, ``redis(s)+cluster://``, ``unix://``,
+    ``amqp(s)://`` or ``nats://`` DSN."""
     scheme = parse_dsn(dsn, tuple(BROKERS)).scheme
     module, name = BROKERS[scheme]
     try:

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from .dsn import parse_dsn
+from .dsn import REDIS_CLUSTER_SCHEMES, cluster_startup, parse_dsn
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -71,7 +71,15 @@ class RedisIdempotencyStore:
         except ImportError as exc:  # pragma: no cover - the extra is missing
             raise ConfigurationError("a Redis idempotency store needs redis: "
                                      "pip install 'microagent-mq[redis]'") from exc
-        self._client: Any = aioredis.Redis.from_url(dsn)
+        parts = parse_dsn(dsn, ('redis', 'rediss', 'unix', *REDIS_CLUSTER_SCHEMES))
+        if parts.scheme in REDIS_CLUSTER_SCHEMES:  # one key a command: any slot will do
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            first, others = cluster_startup(parts, dsn)
+            self._client: Any = RedisCluster.from_url(
+                first, startup_nodes=[ClusterNode(host, port) for host, port in others])
+        else:
+            self._client = aioredis.Redis.from_url(dsn)
         self.prefix = prefix
 
     def key(self, queue: str, message_id: str) -> str:
@@ -92,14 +100,17 @@ def store_for(option: object, broker: object) -> tuple[IdempotencyStore, bool]:
     if option is None:
         dsn = str(getattr(broker, 'dsn', 'memory://default'))
         scheme = dsn.partition('://')[0]
-        if scheme in ('redis', 'rediss', 'unix'):  # the broker's own Redis, under its prefix
+        if getattr(broker, 'cluster', False) and scheme in ('redis', 'rediss'):  # cluster=True
+            scheme += '+cluster'
+            dsn = scheme + dsn[dsn.index('://'):]
+        if scheme in ('redis', 'rediss', 'unix', *REDIS_CLUSTER_SCHEMES):  # the broker's own Redis
             return RedisIdempotencyStore(dsn, f'{getattr(broker, "prefix", "mq:")}done:'), True
         if scheme == 'memory':
             return MemoryIdempotencyStore(dsn), True
         raise ConfigurationError(f'idempotent=True on a {scheme} broker needs idempotency_store= '
                                  f'(a redis:// DSN, or an outbox SQLIdempotencyStore)')
     if isinstance(option, str):
-        scheme = parse_dsn(option, ('redis', 'rediss', 'unix', 'memory')).scheme
+        scheme = parse_dsn(option, ('redis', 'rediss', 'unix', 'memory', *REDIS_CLUSTER_SCHEMES)).scheme
         if scheme == 'memory':
             return MemoryIdempotencyStore(option), True
         return RedisIdempotencyStore(option), True

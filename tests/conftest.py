@@ -16,13 +16,16 @@ from microagent_mq import Queue, testing
 from microagent_mq.broker import AbstractQueueBroker
 
 from .faults import FaultProxy
-from .servers import NatsServer, RabbitNode, RedisServer
+from .servers import NatsServer, RabbitNode, RedisClusterNodes, RedisServer
 from .servers import free_port as free_port  # re-exported: tests import it from here
 
 # DB 0 by default: every test's keys carry a unique prefix, so they share a DB with anyone.
 REDIS_DSN = os.environ.get('TEST_REDIS_DSN', 'redis://127.0.0.1:6379/0')
 AMQP_DSN = os.environ.get('TEST_AMQP_DSN', 'amqp://guest:guest@127.0.0.1:5672/')
 NATS_DSN = os.environ.get('TEST_NATS_DSN', 'nats://127.0.0.1:4222')
+# Set by the redis_cluster_dsn fixture (a cluster of the run's own) unless given: the crash
+# tests' worker processes read it from the environment.
+CLUSTER_DSN_VAR = 'TEST_REDIS_CLUSTER_DSN'
 
 
 def _address(dsn: str, default_port: int) -> tuple[str, int]:
@@ -87,6 +90,13 @@ def make_broker(kind: str, namespace: str, dsn: str | None = None,
         from microagent_mq.tools.memory import MemoryBroker
 
         return MemoryBroker(f'memory://{namespace}')
+    if kind == 'redis_cluster':
+        from microagent_mq.tools.redis import RedisBroker
+
+        if dsn is None and CLUSTER_DSN_VAR not in os.environ:
+            _missing(f'no Redis Cluster: the redis_cluster_dsn fixture sets {CLUSTER_DSN_VAR}')
+        return RedisBroker(dsn or os.environ[CLUSTER_DSN_VAR], prefix=f'test:{namespace}:',
+                           **options)
     if dsn is None:
         require_server('amqp' if kind == 'amqp_quorum' else kind)
     if kind == 'redis':
@@ -171,11 +181,33 @@ def own_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]
     node.stop()
 
 
+@pytest.fixture(scope='session')
+def redis_cluster_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-master Redis Cluster of the run's own (or ``TEST_REDIS_CLUSTER_DSN``), torn down after."""
+    if CLUSTER_DSN_VAR in os.environ:
+        yield os.environ[CLUSTER_DSN_VAR]
+        return
+    try:
+        cluster = RedisClusterNodes(tmp_path_factory.mktemp('redis-cluster'))
+    except FileNotFoundError as exc:
+        _missing(str(exc))
+    try:
+        cluster.start()
+        os.environ[CLUSTER_DSN_VAR] = cluster.dsn
+        yield cluster.dsn
+    finally:
+        os.environ.pop(CLUSTER_DSN_VAR, None)
+        cluster.kill()
+
+
 @pytest.fixture(params=['memory', pytest.param('redis', marks=pytest.mark.redis),
+                        pytest.param('redis_cluster', marks=pytest.mark.redis_cluster),
                         pytest.param('amqp', marks=pytest.mark.amqp),
                         pytest.param('nats', marks=pytest.mark.nats),
                         pytest.param('amqp_quorum', marks=pytest.mark.amqp)])
 def broker_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == 'redis_cluster':
+        request.getfixturevalue('redis_cluster_dsn')  # started on first use
     return str(request.param)
 
 
@@ -213,6 +245,14 @@ async def cleanup(kind: str, namespace: str, brokers: list[AbstractQueueBroker])
         if keys:
             await client.delete(*keys)
         await client.aclose()
+    elif kind == 'redis_cluster':
+        from microagent_mq.tools.redis import RedisBroker
+
+        admin = RedisBroker(os.environ[CLUSTER_DSN_VAR])
+        keys = [k async for k in admin.client.scan_iter(match=f'test:{namespace}:*', count=1000)]
+        if keys:
+            await admin.client.delete(*keys)  # redis-py splits it per slot
+        await admin.close()
     elif kind in ('amqp', 'amqp_quorum'):
         await delete_amqp_queues(list(Queue.get_all()), list(Queue.exchanges()))
     elif kind == 'nats':

@@ -4,7 +4,6 @@
 
 MODE ``hang``: note the message in DIR, then hang (the test kills the process).
 MODE ``record``: append each handled ``n`` to DIR/handled-PID.
-OPTIONS_JSON: the consumer's options; its key ``queue``, if any: the queue's own (``Queue(...)``).
 Prints ``ready`` once consuming; stops on SIGTERM.
 """
 
@@ -23,6 +22,7 @@ from .conftest import make_broker
 
 async def main(kind: str, namespace: str, queue_name: str, mode: str, folder: str,
                options: dict[str, Any]) -> None:
+    # Declaration options (max_priority, retention...) ride in OPTIONS_JSON under 'queue'.
     queue = Queue(queue_name, **options.pop('queue', {}))
     out = Path(folder)
     pid = os.getpid()

@@ -190,3 +190,46 @@ class RabbitNode:
         except (subprocess.SubprocessError, OSError):
             self.proc.kill()
             self.proc.wait()
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of ``masters`` ``redis-server`` processes on free ports, no replicas.
+
+    ``start()`` returns once every slot is served (``cluster_state:ok`` on every node).
+    """
+
+    def __init__(self, folder: Path, masters: int = 3) -> None:
+        if shutil.which('redis-cli') is None:
+            raise FileNotFoundError('redis-cli is not installed')
+        self.nodes = [RedisServer(folder / f'node{i}', [
+            '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf',
+            # the bus port is the client port + 10000 unless given: that one may be taken
+            '--cluster-port', str(free_port()), '--cluster-node-timeout', '5000'])
+            for i in range(masters)]
+
+    @property
+    def dsn(self) -> str:
+        return 'redis+cluster://' + ','.join(f'127.0.0.1:{node.port}' for node in self.nodes)
+
+    def start(self, timeout_s: float = 30) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(['redis-cli', '--cluster', 'create',
+                        *(f'127.0.0.1:{node.port}' for node in self.nodes),
+                        '--cluster-replicas', '0', '--cluster-yes'],
+                       check=True, capture_output=True, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not all(self._state_ok(node.port) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'Redis Cluster not ok after {timeout_s} s')
+            time.sleep(0.1)
+
+    @staticmethod
+    def _state_ok(port: int) -> bool:
+        info = subprocess.run(['redis-cli', '-p', str(port), 'cluster', 'info'],
+                              capture_output=True, text=True, timeout=10).stdout
+        return 'cluster_state:ok' in info
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()

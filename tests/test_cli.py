@@ -21,7 +21,8 @@ def test_unknown_scheme_is_one_line() -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "microagent-mq: error: unsupported scheme 'kafka' in DSN 'kafka://localhost'; "
-        "expected one of ('memory', 'redis', 'rediss', 'unix', 'amqp', 'amqps', 'nats')"]
+        "expected one of ('memory', 'redis', 'rediss', 'unix', 'redis+cluster', 'rediss+cluster', "
+        "'amqp', 'amqps', 'nats')"]
 
 
 def test_unimportable_module_is_one_line() -> None:

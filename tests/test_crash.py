@@ -21,10 +21,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(params=[pytest.param('redis', marks=pytest.mark.redis),
+                        pytest.param('redis_cluster', marks=pytest.mark.redis_cluster),
                         pytest.param('amqp', marks=pytest.mark.amqp),
                         pytest.param('nats', marks=pytest.mark.nats),
                         pytest.param('amqp_quorum', marks=pytest.mark.amqp)])
 def server_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == 'redis_cluster':
+        request.getfixturevalue('redis_cluster_dsn')  # its DSN reaches the workers by env
     return str(request.param)
 
 

@@ -3,6 +3,7 @@
 A block runs on the memory broker unless the line before its fence says otherwise:
 
     <!-- run: redis -->              needs the Redis server; keys go under a unique prefix
+    <!-- run: redis_cluster -->      on the run's Redis Cluster (any redis+cluster:// DSN)
     <!-- run: amqp -->               needs RabbitMQ; runs in a vhost of its own, deleted after
     <!-- run: redis group=NAME -->   blocks of one group (one page) run in order, sharing
                                      the namespace: a producer script, then its consumer
@@ -19,6 +20,7 @@ runner moves them into the test's own namespace by wrapping the brokers' ``__pos
 so the text a reader copies is the text that ran.
 """
 
+import asyncio
 import os
 import re
 import subprocess
@@ -32,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import AMQP_DSN, rabbitmqctl, require_server
+from .conftest import AMQP_DSN, CLUSTER_DSN_VAR, rabbitmqctl, require_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE_RUNNER = re.compile(r'<!--\s*run:\s*page by (?P<test>tests/\S+\.py)\s*-->')
@@ -50,7 +52,7 @@ SOURCES = [page for page in [ROOT / 'README.md', *sorted((ROOT / 'docs').rglob('
            if _run_here(page)]
 FENCE = re.compile(r'^(?P<fence>```+|~~~+)\s*(?P<info>.*)$')
 MARK = re.compile(r'^<!--\s*run:\s*(?P<spec>.*?)\s*-->$')
-KINDS = ('memory', 'redis', 'amqp')
+KINDS = ('memory', 'redis', 'redis_cluster', 'amqp')
 MAX_NOT_RUNNABLE = 3
 BLOCK_TIMEOUT_S = 60
 # Signs of a program that does not clean up after itself (an unclosed broker, a lost task).
@@ -66,6 +68,15 @@ if kind == 'redis':
     from microagent_mq.tools.redis import RedisBroker
     init = RedisBroker.__post_init__
     def __post_init__(self):
+        self.prefix = namespace + ':' + self.prefix
+        init(self)
+    RedisBroker.__post_init__ = __post_init__
+elif kind == 'redis_cluster':
+    import os
+    from microagent_mq.tools.redis import RedisBroker
+    init = RedisBroker.__post_init__
+    def __post_init__(self):
+        self.dsn = os.environ['TEST_REDIS_CLUSTER_DSN']
         self.prefix = namespace + ':' + self.prefix
         init(self)
     RedisBroker.__post_init__ = __post_init__
@@ -225,6 +236,17 @@ def amqp_vhost() -> Iterator[str]:
         rabbitmqctl('delete_vhost', vhost)
 
 
+async def _redis_cluster_cleanup(namespace: str) -> None:
+    from microagent_mq.tools.redis import RedisBroker
+
+    admin = RedisBroker(os.environ[CLUSTER_DSN_VAR])
+    client: Any = admin.client
+    keys = [k async for k in client.scan_iter(match=f'{namespace}:*', count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await admin.close()
+
+
 def _redis_cleanup(namespace: str) -> int:
     import redis
 
@@ -269,6 +291,8 @@ def test_block_runs(unit: Unit, request: pytest.FixtureRequest, tmp_path: Path) 
     namespace = f'docs_{uuid.uuid4().hex[:12]}'
     if unit.kind == 'redis':
         require_server('redis')
+    elif unit.kind == 'redis_cluster':
+        request.getfixturevalue('redis_cluster_dsn')  # its DSN reaches the block by env
     elif unit.kind == 'amqp':
         namespace = request.getfixturevalue('amqp_vhost')
     try:
@@ -277,6 +301,8 @@ def test_block_runs(unit: Unit, request: pytest.FixtureRequest, tmp_path: Path) 
     finally:
         if unit.kind == 'redis':
             _redis_cleanup(namespace)
+        elif unit.kind == 'redis_cluster':
+            asyncio.run(_redis_cluster_cleanup(namespace))
 
 
 def test_every_python_fence_is_collected() -> None:

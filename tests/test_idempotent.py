@@ -14,16 +14,21 @@ from microagent_mq.idempotency import MemoryIdempotencyStore, store_for
 from microagent_mq.outbox import SQLIdempotencyStore
 from microagent_mq.transport import Delivery
 
-from .conftest import REDIS_DSN, Calls, make_broker, unique, wait_until
+from .conftest import REDIS_DSN, Calls, cleanup, make_broker, unique, wait_until
 from .outbox_support import db_url
 
 
-@pytest.fixture(params=['memory', pytest.param('redis', marks=pytest.mark.redis)])
+@pytest.fixture(params=['memory', pytest.param('redis', marks=pytest.mark.redis),
+                        pytest.param('redis_cluster', marks=pytest.mark.redis_cluster)])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[AbstractQueueBroker]:
     namespace = unique('ns')
+    if request.param == 'redis_cluster':
+        request.getfixturevalue('redis_cluster_dsn')
     made = make_broker(request.param, namespace)
     yield made
     await made.close(grace=1)
+    if request.param == 'redis_cluster':
+        await cleanup('redis_cluster', namespace, [made])
     if request.param == 'redis':
         import redis.asyncio as aioredis
 

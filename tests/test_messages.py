@@ -539,6 +539,8 @@ async def raw_send(kind: str, broker: Any, queue: str, body: bytes) -> None:
         client = aioredis.Redis.from_url(broker.dsn)
         await client.xadd(broker.stream_key(queue), {'body': body})  # the one field it must write
         await client.aclose()
+    elif kind == 'redis_cluster':  # the broker's client, for the routing; a plain XADD still
+        await broker.client.xadd(broker.stream_key(queue), {'body': body})
     elif kind == 'nats':
         import nats
 

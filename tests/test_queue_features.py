@@ -171,10 +171,8 @@ async def test_a_full_queue_refuses_and_stores_nothing(broker: AbstractQueueBrok
     assert [item['n'] for item in await calls.wait_for(4)] == [0, 1, 2, 4]
 
 
-async def test_send_many_over_the_limit_stores_none_of_the_batch(
-        broker: AbstractQueueBroker, broker_kind: str) -> None:
-    if broker_kind == 'nats':
-        pytest.skip('JetStream acknowledges each message of a batch on its own (docs/queues.md)')
+async def test_send_many_over_the_limit_stores_none_of_the_batch(broker: AbstractQueueBroker) -> None:
+    # NATS: all or none too, with no other sender racing the batch (docs/brokers/nats.md)
     queue = Queue(unique(), max_length=5)
     await broker.send_many(queue.name, [{'n': n} for n in range(3)])
     with pytest.raises(QueueFull):
@@ -202,7 +200,8 @@ async def test_a_retry_into_a_full_queue_is_not_lost(broker: AbstractQueueBroker
     failed = asyncio.Event()
 
     class Agent(MicroAgent):
-        @consumer(queue, concurrency=1, prefetch=0, max_attempts=3, **FAST)
+        # timeout=5: a short visibility, which bounds the wait below on NATS 2.9 (see there)
+        @consumer(queue, concurrency=1, prefetch=0, max_attempts=3, timeout=5, **FAST)
         async def handle(self, n: int, info: MessageInfo) -> None:
             order.append((n, info.attempt))
             if n == 1 and info.attempt == 1:
@@ -213,6 +212,8 @@ async def test_a_retry_into_a_full_queue_is_not_lost(broker: AbstractQueueBroker
     await broker.send(queue.name, {'n': 1})
     await failed.wait()
     await broker.send(queue.name, {'n': 2})  # the queue is not full while 1 waits its retry
-    await wait_until(lambda: len(order) == 3, what='3 handlings')
+    # nats-server 2.9.10 now and then leaves a message nak'ed with a delay undelivered until
+    # its ack wait (the visibility) ends: late, not lost. Hence the longer wait.
+    await wait_until(lambda: len(order) == 3, timeout_s=60, what='3 handlings')
     assert sorted(order) == [(1, 1), (1, 2), (2, 1)]
     assert await broker.dead_letters(queue.name) == []

@@ -1,6 +1,7 @@
 """The synchronous facade: a loop in a thread, from many threads, from inside a running loop."""
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import pytest
 from microagent_mq import Queue, QueueException
 from microagent_mq.sync import BrokerClosed, SyncBroker, connect
 
-from .conftest import AMQP_DSN, NATS_DSN, REDIS_DSN, cleanup, require_server, unique
+from .conftest import AMQP_DSN, CLUSTER_DSN_VAR, NATS_DSN, REDIS_DSN, cleanup, require_server, unique
 
 
 @pytest.fixture
@@ -21,8 +22,11 @@ def sync_broker(broker_kind: str) -> Iterator[SyncBroker]:
     if broker_kind == 'memory':
         broker = connect(f'memory://{namespace}')
     else:
-        require_server(broker_kind)
+        if broker_kind != 'redis_cluster':  # a cluster of the run's own: up already
+            require_server(broker_kind)
         broker = {'redis': lambda: connect(REDIS_DSN, prefix=f'test:{namespace}:'),
+                  'redis_cluster': lambda: connect(os.environ[CLUSTER_DSN_VAR],
+                                                   prefix=f'test:{namespace}:'),
                   'amqp': lambda: connect(AMQP_DSN),
                   'amqp_quorum': lambda: connect(AMQP_DSN, durability='quorum'),
                   'nats': lambda: connect(NATS_DSN, prefix=f'test_{namespace}')}[broker_kind]()

@@ -103,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     broker_default = env('BROKER', 'memory://default')
     common.add_argument('--broker', default=broker_default,
-                        help='broker DSN: memory://, redis://, rediss://, amqp://, amqps:// '
+                        help='broker DSN: memory://, redis://, rediss://, redis+cluster://, amqp://, '
+                             'amqps://, nats:// '
                              f'(env MQ_BROKER; now {mask_dsn(broker_default)})')
     common.add_argument('--queues', default=env('QUEUES', 'queues.json'),
                         help='queue declarations: a path, file:// or http(s):// URL '

@@ -20,7 +20,8 @@ log = logging.getLogger('microagent_mq.cli')
 WORKER_ENV = 'MQ_METRICS_WORKER'  # set by the supervisor: record metrics, serve none
 MULTIPROC_ENV = 'PROMETHEUS_MULTIPROC_DIR'
 # messaging.system of each DSN scheme (OpenTelemetry's names where it has one)
-SYSTEMS = {'amqp': 'rabbitmq', 'amqps': 'rabbitmq', 'redis': 'redis', 'rediss': 'redis', 'unix': 'redis'}
+SYSTEMS = {'amqp': 'rabbitmq', 'amqps': 'rabbitmq', 'redis': 'redis', 'rediss': 'redis', 'unix': 'redis',
+           'redis+cluster': 'redis', 'rediss+cluster': 'redis'}
 
 
 def _prometheus() -> Any:

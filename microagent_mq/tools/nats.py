@@ -4,11 +4,12 @@ Layout and wire format: ``nats_codec``. Exchanges are routed here, by the declar
 (as on Redis): a send to an exchange stores one copy in the stream of each queue whose
 topics match (AMQP rules, ``routing.py``). NATS wildcards are not used for it: JetStream
 refuses two streams whose subjects overlap, so one subject could never feed several queues.
-``send(delay=)``: ``nats_delayed``; consuming, acks and attempts: ``nats_consumer``.
+``send(delay=)``: ``nats_delayed``; consuming, acks and attempts: ``nats_consumer``; dead
+letters: ``nats_dlq``; queue options (retention, max_length, no priorities): ``nats_options``,
+``nats_bounded``, ``nats_retained``.
 """
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -26,25 +27,24 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
-from ..exceptions import BrokerUnavailable, ConfigurationError
-from ..transport import DeadLetter, Outgoing, Subscription
+from ..exceptions import BrokerUnavailable, ConfigurationError, QueueFull
+from ..transport import DeadLetter, Outgoing, Retained, Subscription
+from .nats_bounded import Bound
 from .nats_codec import (
-    ATTEMPTS,
     CONSUMER,
     DUE,
-    ERROR,
-    FAILED_AT,
     PREFIX_RE,
     Names,
-    copy_headers,
-    int_header,
     message_headers,
-    message_id_of,
 )
 from .nats_consumer import NATSSubscription
 from .nats_delayed import DelayedMover
+from .nats_dlq import dead_letters, requeue_dead_letters
+from .nats_options import PlannedSend, QueuePlan, plan_of
+from .nats_retained import retained
 
 ERRORS = (nats.errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
+STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 DUPLICATE_WINDOW_S = 120.0  # a send retried within this is stored once (Nats-Msg-Id)
 FREE_MAX_AGE_S = 30 * 24 * 3600.0  # free-delivery records of messages never settled expire
 # nats-py's publish_async futures have no timeout: acks lost with a connection never come.
@@ -75,6 +75,8 @@ class NATSBroker(AbstractQueueBroker):
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
         self._streams: set[str] = set()
+        self._plans: dict[str, QueuePlan | None] = {}  # queue options (nats_options), per queue
+        self._bounds: dict[str, Bound] = {}  # bounded queues' counts (nats_bounded)
         self._mover = DelayedMover(self)
 
     # connection ---------------------------------------------------------------------------
@@ -130,23 +132,60 @@ class NATSBroker(AbstractQueueBroker):
     # declarations -------------------------------------------------------------------------
 
     async def ensure_stream(self, name: str, subject: str, work_queue: bool = True,
-                            max_age: float | None = None) -> None:
-        """Create stream ``name`` capturing ``subject`` unless this broker did already."""
+                            max_age: float | None = None, update: bool = False) -> None:
+        """Create stream ``name`` capturing ``subject`` unless this broker did already.
+
+        One that exists with another configuration is changed if ``update`` (a journal whose
+        retention changed), else refused.
+        """
         if name in self._streams:
             return
         js = await self.jetstream()
         retention = api.RetentionPolicy.WORK_QUEUE if work_queue else api.RetentionPolicy.LIMITS
-        await js.add_stream(api.StreamConfig(
-            name=name, subjects=[subject], retention=retention, storage=api.StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW_S, max_age=max_age))
+        window = min(DUPLICATE_WINDOW_S, max_age) if max_age else DUPLICATE_WINDOW_S
+        config = api.StreamConfig(name=name, subjects=[subject], retention=retention, max_age=max_age,
+                                  storage=api.StorageType.FILE, duplicate_window=window)
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_EXISTS:
+                raise
+            if not update:
+                raise ConfigurationError(f'NATS stream {name} exists with another configuration: '
+                                         f'edit or delete it to match') from None
+            self.log.warning('Changing NATS stream %s to max_age %ss', name, max_age)
+            await js.update_stream(config)
         self._streams.add(name)
 
     def forget_stream(self, name: str) -> None:
         """Declare stream ``name`` again on next use (it may have been deleted)."""
         self._streams.discard(name)
 
+    def plan(self, queue: str) -> QueuePlan | None:
+        """What ``queue``'s options need (None: a plain queue); raises for priorities."""
+        try:
+            return self._plans[queue]
+        except KeyError:
+            plan = self._plans[queue] = plan_of(queue)
+            return plan
+
+    def bound(self, plan: QueuePlan) -> Bound:
+        """The count and stores of bounded queue ``plan.queue``."""
+        bound = self._bounds.get(plan.queue)
+        if bound is None:
+            bound = self._bounds[plan.queue] = Bound(self, plan)
+        return bound
+
     async def ensure_queue(self, queue: str) -> None:
-        await self.ensure_stream(self.names.stream(queue), self.names.subject(queue))
+        stream = self.names.stream(queue)
+        if stream not in self._streams:
+            self.plan(queue)  # refuses what JetStream cannot do (priorities) before anything is made
+            await self.ensure_stream(stream, self.names.subject(queue))
+
+    async def ensure_journal(self, plan: QueuePlan) -> None:
+        names = self.names
+        await self.ensure_stream(names.journal_stream(plan.queue), names.journal_subject(plan.queue),
+                                 work_queue=False, max_age=plan.retention_s, update=True)
 
     async def ensure_free(self, queue: str) -> None:
         await self.ensure_stream(self.names.free_stream(queue), self.names.free_subject(queue, '*'),
@@ -182,9 +221,15 @@ class NATSBroker(AbstractQueueBroker):
         js = await self.jetstream()
         acks: list[Awaitable[Any]] = []
         single = len(batch) == 1 and len(batch[0].queues) == 1
+        planned: PlannedSend | None = None
         for message in batch:
             headers = message_headers(message.message_id, message.sent_at, message.headers)
             for queue in message.queues:
+                plan = self.plan(queue)
+                if plan is not None:  # a queue with options: its own path (nats_options)
+                    planned = planned or PlannedSend(self, js, batch, acks)
+                    await self._store_planned(planned, plan, message, headers, acks)
+                    continue
                 if message.delay > 0:
                     stream = self.names.delayed_stream(queue)
                     await self.ensure_stream(stream, self.names.delayed_subject(queue))
@@ -201,7 +246,28 @@ class NATSBroker(AbstractQueueBroker):
             # (a timeout is retried whole by _publish, de-duplicated by Nats-Msg-Id)
             await asyncio.wait_for(asyncio.gather(*acks), BATCH_ACK_TIMEOUT_S)
 
+    async def _store_planned(self, planned: PlannedSend, plan: QueuePlan, message: Outgoing,
+                             headers: dict[str, str], acks: list[Awaitable[Any]]) -> None:
+        delayed = None
+        if message.delay > 0:
+            delayed = {**headers, DUE: str(int((time.time() + message.delay) * 1000))}
+        try:
+            await planned.store(plan, message, headers, delayed)
+        except QueueFull:
+            if acks:  # what was sent before the refused one is stored: wait for it, then say so
+                await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), BATCH_ACK_TIMEOUT_S)
+            raise
+
     # consuming ----------------------------------------------------------------------------
+
+    async def store(self, queue: str, body: bytes, headers: dict[str, str]) -> None:
+        """Store a copy (a delayed move, a requeue) into ``queue``, within its bound if it has one."""
+        plan = self.plan(queue)
+        if plan is not None and plan.max_length:
+            await self.bound(plan).store(self.names.subject(queue), body, headers)
+        else:
+            js = await self.jetstream()
+            await js.publish(self.names.subject(queue), body, headers=headers)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         queue = consumer.queue.name
@@ -248,49 +314,11 @@ class NATSBroker(AbstractQueueBroker):
             return 0
 
     async def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
-        letters: list[DeadLetter] = []
-        async for seq, msg in self._dlq_messages(name):
-            letters.append(_dead_letter(name, msg, seq))
-            if len(letters) >= limit:
-                break
-        return letters
-
-    async def _dlq_messages(self, name: str, last: int | None = None) -> Any:
-        js = await self.jetstream()
-        stream = self.names.dlq_stream(name)
-        try:
-            state = (await js.stream_info(stream)).state
-        except nats.js.errors.NotFoundError:
-            return
-        end = state.last_seq if last is None else min(last, state.last_seq)
-        for seq in range(max(state.first_seq, 1), end + 1):
-            try:
-                yield seq, await js.get_msg(stream, seq)
-            except nats.js.errors.NotFoundError:
-                continue  # deleted: requeued already
+        return await dead_letters(self, name, limit)
 
     async def _requeue_dead_letters(self, name: str) -> int:
-        js = await self.jetstream()
-        try:  # a snapshot: letters dead-lettered again meanwhile stay for the next call
-            last = (await js.stream_info(self.names.dlq_stream(name))).state.last_seq
-        except nats.js.errors.NotFoundError:
-            return 0
-        await self.ensure_queue(name)
-        moved = 0
-        async for seq, msg in self._dlq_messages(name, last):
-            message_id = message_id_of(msg.headers, f'dlq-{seq}')
-            await js.publish(self.names.subject(name), msg.data or b'',
-                             headers=copy_headers(msg.headers, f'{message_id}~requeued-{seq}', message_id))
-            await js.delete_msg(self.names.dlq_stream(name), seq)
-            moved += 1
-        return moved
+        return await requeue_dead_letters(self, name)
 
-
-def _dead_letter(queue: str, msg: Any, seq: int) -> DeadLetter:
-    headers = msg.headers
-    try:
-        error = json.loads(headers.get(ERROR, '""')) if headers else ''
-    except ValueError:
-        error = headers.get(ERROR, '') if headers else ''
-    return DeadLetter(queue, message_id_of(headers, f'dlq-{seq}'), msg.data or b'', str(error),
-                      int_header(headers, ATTEMPTS, 1), int_header(headers, FAILED_AT, 0) / 1000)
+    async def _retained(self, name: str, since: float | None, until: float | None,
+                        after: Any, limit: int) -> tuple[list[Retained], Any]:
+        return await retained(self, name, since, until, after, limit)

@@ -4,7 +4,8 @@ Names, for queue ``q`` and the default prefix ``mq``: the stream ``mq-q`` (subje
 work-queue retention) read by the durable pull consumer ``microagent_mq``; dead letters in
 ``mq-q-dlq`` (``mq.q.dlq``); delayed sends in ``mq-q-delayed`` (``mq.q.delayed``) until a
 mover puts them into ``mq-q``; free deliveries (see ``NATSSubscription.release``) in
-``mq-q-free`` (``mq.q.free.<stream sequence>``). A queue name never has a dot or a dash, so
+``mq-q-free`` (``mq.q.free.<stream sequence>``); a queue declared with ``retention``: a copy
+of every message sent to it in ``mq-q-journal`` (``mq.q.journal``). A queue name never has a dot or a dash, so
 no two of these can collide.
 
 Body: the user's JSON, unchanged. Headers (all optional: a foreign producer's plain JSON
@@ -60,6 +61,12 @@ class Names:
 
     def delayed_subject(self, queue: str) -> str:
         return f'{self.prefix}.{_token(queue)}.delayed'
+
+    def journal_stream(self, queue: str) -> str:
+        return f'{self.prefix}-{_token(queue)}-journal'
+
+    def journal_subject(self, queue: str) -> str:
+        return f'{self.prefix}.{_token(queue)}.journal'
 
     def free_stream(self, queue: str) -> str:
         return f'{self.prefix}-{_token(queue)}-free'

@@ -5,7 +5,9 @@ consuming the queue runs a mover for it, pulling from the durable consumer ``mov
 message is stored into the queue (de-duplicated by its id: a move repeated after a crash is
 stored once), then acked; one not due yet is given back with ``nak(delay=time left)``, so no
 message ever waits behind another. A mover stopped while holding messages leaves them to its
-``ack_wait``: they arrive that much later, never lost.
+``ack_wait``: they arrive that much later, never lost. A due message that finds its queue
+full (``max_length``, overflow 'reject') waits in the delayed stream, tried again every
+``FULL_RETRY_S``: never dropped.
 """
 
 import asyncio
@@ -16,6 +18,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from ..exceptions import QueueFull
 from .nats_codec import DUE, MOVER, copy_headers, int_header, message_id_of
 
 if TYPE_CHECKING:
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 MOVER_FETCH_S = 0.5
 MOVER_ACK_WAIT_S = 30.0
 FAILURE_PAUSE_S = 1.0
+FULL_RETRY_S = 1.0
 
 
 class DelayedMover:
@@ -90,7 +94,6 @@ class DelayedMover:
 
     async def _move(self, queue: str, msgs: list[Msg]) -> None:
         broker = self._broker
-        js = await broker.jetstream()
         now_ms = time.time() * 1000
         for msg in msgs:
             due_ms = int_header(msg.headers, DUE, 0)
@@ -99,6 +102,9 @@ class DelayedMover:
                 continue
             await broker.ensure_queue(queue)
             message_id = message_id_of(msg.headers, f'delayed-{msg.metadata.sequence.stream}')
-            await js.publish(broker.names.subject(queue), msg.data,
-                             headers=copy_headers(msg.headers, message_id, message_id))
+            try:
+                await broker.store(queue, msg.data, copy_headers(msg.headers, message_id, message_id))
+            except QueueFull:
+                await msg.nak(delay=FULL_RETRY_S)  # accepted already: it waits for room
+                continue
             await msg.ack()

@@ -3,7 +3,8 @@
 Keys, for queue ``q`` and the default prefix ``mq:``: the stream ``mq:q``, its delayed
 messages in the sorted set ``mq:q:delayed`` (score: due time in ms), dead letters in the
 stream ``mq:q.dlq``, and short-lived marks ``mq:sent:...`` that make a send retried by
-redis-py after a lost reply a no-op. Entry fields: see ``redis_codec``.
+redis-py after a lost reply a no-op. Entry fields: see ``redis_codec``. On a Redis Cluster
+the queue's name is the hash tag of its keys (``mq:{q}``...; see ``redis_cluster``).
 
 Duplicates: a send or settlement retried after a lost reply is not repeated (see
 ``redis_scripts``). A message is handled twice only when its consumer stopped renewing its
@@ -17,8 +18,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 try:
     import redis.asyncio as aioredis
@@ -32,16 +33,30 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..broker import AbstractQueueBroker
 from ..consumer import Consumer
-from ..dsn import check_redis_db, mask_dsn, parse_dsn
-from ..exceptions import BrokerUnavailable
-from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
+from ..dsn import check_redis_db, cluster_nodes, mask_dsn, parse_dsn
+from ..exceptions import BrokerUnavailable, ConfigurationError, QueueException
+from ..transport import DeadLetter, Outgoing, QueueStats, Retained, Subscription
+from . import redis_features as features
+from .redis_cluster import (
+    CLUSTER_ERRORS,
+    REDIS_CLUSTER_SCHEMES,
+    check_prefix,
+    cluster_client,
+    cluster_error,
+    tagged,
+)
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
+from .redis_layout import featured_name, layout_named, layout_of
+from .redis_level_consumer import LevelSubscription
+from .redis_level_scripts import LevelScripts
+from .redis_retained import retained
 from .redis_scripts import Scripts
 
 DELAYED_POLL_S = 0.05
 MOVE_BATCH = 1000  # delayed messages moved per queue per command; again at once while more
 REQUEUE_BATCH = 100
+TRIM_EVERY_S = 1.0  # how often a consuming broker trims the retaining queues it consumes
 # A consumer's hold on a message it fetched, renewed on a heartbeat while it lives: a crashed
 # consumer's messages go to another after this long, however long handlers may take.
 DEFAULT_VISIBILITY_S = 10.0
@@ -50,7 +65,8 @@ ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 @dataclass(repr=False, eq=False)
 class RedisBroker(AbstractQueueBroker):
-    """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``.
+    """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``,
+    and ``redis+cluster://host:port[,host:port...]`` (or ``cluster=True``) for a Redis Cluster.
 
     ``prefix``: prepended to every key, so applications can share a database.
     ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
@@ -66,10 +82,20 @@ class RedisBroker(AbstractQueueBroker):
     prefix: str = 'mq:'
     connect_timeout: float = 2.0
     send_retries: int = 6
+    cluster: bool = False  # implied by a redis+cluster:// DSN
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_redis_db(parse_dsn(self.dsn, ('redis', 'rediss', 'unix')), self.dsn)
+        self._parts = parse_dsn(self.dsn, ('redis', 'rediss', 'unix', *REDIS_CLUSTER_SCHEMES))
+        self.cluster = self.cluster or self._parts.scheme in REDIS_CLUSTER_SCHEMES
+        if self.cluster:
+            if self._parts.scheme == 'unix':
+                raise ConfigurationError('a Redis Cluster is reached over TCP: use '
+                                         'redis+cluster://host:port, not unix://')
+            check_prefix(self.prefix)
+            cluster_nodes(self._parts, self.dsn)  # a bad DSN fails now, not on first use
+        else:
+            check_redis_db(self._parts, self.dsn)
         self._client: aioredis.Redis | None = None
         self._delayed_watch: set[str] = set()
         self._mover: asyncio.Task[None] | None = None
@@ -78,20 +104,24 @@ class RedisBroker(AbstractQueueBroker):
         self._sender = os.urandom(6).hex()
         self._publishes = itertools.count()
         self._mark_block, self._mark_key = -1, ''
+        self._next_trim = 0.0
 
     # keys -------------------------------------------------------------------------------
 
+    # Every other key of a queue derives from its stream key: on a cluster they share its
+    # hash tag, so its scripts and transactions stay in one slot.
+
     def stream_key(self, queue: str) -> str:
         """The stream holding queue ``queue``."""
-        return f'{self.prefix}{queue}'
+        return tagged(self.prefix, queue) if self.cluster else f'{self.prefix}{queue}'
 
     def delayed_key(self, queue: str) -> str:
         """The sorted set of delayed messages of ``queue``."""
-        return f'{self.prefix}{queue}:delayed'
+        return f'{self.stream_key(queue)}:delayed'
 
     def dead_key(self, queue: str) -> str:
         """The stream of dead letters of ``queue``."""
-        return f'{self.prefix}{queue}.dlq'
+        return f'{self.stream_key(queue)}.dlq'
 
     # connection -------------------------------------------------------------------------
 
@@ -101,11 +131,19 @@ class RedisBroker(AbstractQueueBroker):
         if self._client is None:
             retry = RedisRetry(ExponentialWithJitterBackoff(cap=1.0, base=0.05),
                                self.send_retries)
-            self._client = aioredis.Redis.from_url(
-                self.dsn, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
-                socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
-            )
+            options: dict[str, Any] = dict(
+                retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                socket_connect_timeout=self.connect_timeout, socket_keepalive=True)
+            if self.cluster:
+                # Typed as Redis: the commands used here have the same signatures on both.
+                # Connections per node unbounded, as on a single Redis (RedisCluster's default
+                # is 100): each consuming queue holds one in a blocking read.
+                self._client = cast(aioredis.Redis, cluster_client(
+                    self.dsn, self._parts, max_connections=2**31, **options))
+            else:
+                self._client = aioredis.Redis.from_url(self.dsn, **options)
             self._scripts = Scripts(self._client)
+            self._levels = LevelScripts(self._client)
         return self._client
 
     @property
@@ -124,11 +162,17 @@ class RedisBroker(AbstractQueueBroker):
         """Turn 'Redis is unreachable' (after redis-py's retries) into ``BrokerUnavailable``."""
         try:
             yield
-        except ERRORS as exc:
+        except (*ERRORS, *CLUSTER_ERRORS) as exc:
             raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: Exception) -> BrokerUnavailable:
-        return BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}')
+    def _unavailable(self, exc: Exception) -> QueueException:
+        if isinstance(exc, CLUSTER_ERRORS):  # a cluster, or a plain DSN at a cluster node
+            error = cluster_error(exc, self.dsn, self.cluster)
+            if error is None:
+                raise exc
+            return error
+        server = 'Redis Cluster' if self.cluster else 'Redis'
+        return BrokerUnavailable(f'{server} at {mask_dsn(self.dsn)} is unreachable: {exc}')
 
     async def _disconnect(self) -> None:
         if self._mover is not None:
@@ -144,11 +188,18 @@ class RedisBroker(AbstractQueueBroker):
     # sending ----------------------------------------------------------------------------
 
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
+        if self.cluster and len(queues := dict.fromkeys(q for m in batch for q in m.queues)) != 1:
+            # One script per queue (one slot each), in turn: a failure leaves the queues
+            # before it with their copies, those after it without (docs: "Redis Cluster").
+            for queue in queues:
+                await self._publish([replace(m, queues=(queue,)) for m in batch if queue in m.queues])
+            return
         scripts = self._lua
         message = batch[0]
         try:
-            if len(batch) == 1 and len(message.queues) == 1 and not message.delay:
-                mark, offset = self._sent_mark()
+            if (len(batch) == 1 and len(message.queues) == 1 and not message.delay
+                    and not featured_name(message.queues[0])):
+                mark, offset = self._sent_mark(message.queues[0])
                 if message.headers is None:  # the common send
                     await self._eval(scripts.send_one, mark, self.stream_key(message.queues[0]),
                                      offset, message.body, message.message_id,
@@ -161,30 +212,51 @@ class RedisBroker(AbstractQueueBroker):
                 return
             # One command, all or nothing: a copy for every target queue.
             keys, args = self._publish_args(batch)
-            await self._eval(scripts.publish, *keys, *args, keys=len(keys))
-        except ERRORS as exc:  # as guard() does, without a context manager on the hot path
+            if keys:
+                await self._eval(scripts.publish, *keys, *args, keys=len(keys))
+            else:  # a queue with priorities, retention or a bound: checked, by level
+                await self._publish_checked(batch)
+        except (*ERRORS, *CLUSTER_ERRORS) as exc:  # as guard(), without a context manager
             raise self._unavailable(exc) from exc
+
+    async def _publish_checked(self, batch: Sequence[Outgoing]) -> None:
+        keys, args = features.checked_args(self, batch, features.layouts(self, batch))
+        try:
+            await self._eval(self._levels.publish_checked, *keys, *args, keys=len(keys))
+        except ResponseError as exc:
+            raise features.queue_full(exc) or exc from None
 
     async def _eval(self, script: Any, *keys_and_args: Any, keys: int = 2) -> Any:
         """EVALSHA straight (cheaper than redis-py's script wrapper on the send path)."""
         try:
             return await self.client.evalsha(script.sha, keys, *keys_and_args)
-        except NoScriptError:  # Redis restarted, or another server: load it and run it
-            return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
+        except NoScriptError:  # Redis restarted, or another node: EVAL runs and caches it
+            return await self.client.eval(script.script, keys, *keys_and_args)
 
-    def _sent_mark(self) -> tuple[str, int]:
-        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them."""
+    def _sent_mark(self, queue: str) -> tuple[str, int]:
+        """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them.
+
+        On a cluster the mark of a publish to ``queue`` is in that queue's slot (a script's
+        keys share one), so there is a bitmap per queue as well.
+        """
         number = next(self._publishes)
         block = number >> 16
         if block != self._mark_block:
             self._mark_block = block
             self._mark_key = f'{self.prefix}sent:{self._sender}:{block:x}'
+        if self.cluster:
+            return f'{self.stream_key(queue)}:sent:{self._sender}:{block:x}', number & 0xFFFF
         return self._mark_key, number & 0xFFFF
 
     def _publish_args(self, batch: Sequence[Outgoing]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order."""
-        mark, offset = self._sent_mark()
+        """KEYS and ARGV of the PUBLISH script; each queue's messages keep their order.
+
+        Empty when the batch reaches a queue with priorities, retention or a bound.
+        """
         first = batch[0]
+        if first.queues and featured_name(first.queues[0]):
+            return [], []
+        mark, offset = self._sent_mark(first.queues[0] if first.queues else '')
         if len(first.queues) == 1 and all(m.queues == first.queues and not m.delay
                                            and m.headers is None for m in batch):
             # send_many to one queue: one record, built without a loop in Python
@@ -205,7 +277,11 @@ class RedisBroker(AbstractQueueBroker):
 
         for message in batch:
             for queue in message.queues:
-                own = records.setdefault(queue, [])
+                own = records.get(queue)
+                if own is None:
+                    if featured_name(queue):
+                        return [], []
+                    own = records[queue] = []
                 if message.delay or message.headers is not None:
                     fields = entry_fields(message.body, message.message_id, 1, message.sent_at,
                                           message.headers)
@@ -231,7 +307,10 @@ class RedisBroker(AbstractQueueBroker):
         visibility = consumer.config.visibility_timeout or DEFAULT_VISIBILITY_S
         # A pull session names its own group member (pull.py): closing one must not
         # touch the pending entries of another consumer of this broker.
-        subscription = RedisSubscription(self, queue, float(visibility), getattr(consumer, 'member', None))
+        member = getattr(consumer, 'member', None)
+        layout = layout_of(self, consumer.queue)
+        subscription = (RedisSubscription(self, queue, float(visibility), member) if layout is None
+                        else LevelSubscription(self, layout, float(visibility), member))
         async with self.guard():
             await subscription.create_group()
         self._delayed_watch.add(queue)
@@ -248,6 +327,9 @@ class RedisBroker(AbstractQueueBroker):
                 queues = list(self._delayed_watch)
                 while queues and not self._mover_stop.is_set():
                     queues = await self._move_some(queues)  # again at once while more are due
+                if time.monotonic() >= self._next_trim:
+                    self._next_trim = time.monotonic() + TRIM_EVERY_S
+                    await self._trim()
                 if failing:
                     self.log.warning('Moving delayed messages works again')
                     failing = False
@@ -261,20 +343,63 @@ class RedisBroker(AbstractQueueBroker):
             except TimeoutError:
                 pass
 
+    async def _move_due(self, queue: str, now_ms: int) -> Any:
+        """One queue's move, as a call of its own (on a cluster: in the queue's slot)."""
+        layout = layout_named(self, queue)
+        if layout is not None and len(layout.streams) > 1:  # into each one's level
+            keys = [layout.delayed, layout.clock, *layout.streams]
+            return await self._eval(self._levels.move_due_levels, *keys, now_ms, MOVE_BATCH,
+                                    keys=len(keys))
+        return await self._eval(self._lua.move_due, self.delayed_key(queue), self.stream_key(queue),
+                                now_ms, MOVE_BATCH)
+
     async def _move_some(self, queues: list[str]) -> list[str]:
         """Move up to MOVE_BATCH due messages of each queue; the queues that may have more."""
+        now_ms = int(time.time() * 1000)
+        if self.cluster:  # queues in different slots: a script call each, side by side
+            moved = await asyncio.gather(*(self._move_due(queue, now_ms) for queue in queues))
+            return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
         async with self.client.pipeline(transaction=False) as pipe:
-            now_ms = int(time.time() * 1000)
             for queue in queues:
+                layout = layout_named(self, queue)
+                if layout is not None and len(layout.streams) > 1:  # into each one's level
+                    await self._levels.move_due_levels(keys=[layout.delayed, layout.clock,
+                                                             *layout.streams],
+                                                       args=[now_ms, MOVE_BATCH], client=pipe)
+                    continue
                 await self._lua.move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
                                      args=[now_ms, MOVE_BATCH], client=pipe)
             moved = await pipe.execute()
         return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
 
+    async def _trim(self) -> None:
+        """Trim the retaining queues consumed here past their retention (see TRIM).
+
+        Here, not on the send path: sends stay as cheap, and trimming removes handled
+        entries only, which exist where consumers run, so where this mover runs.
+        """
+        layouts = [layout for queue in list(self._delayed_watch)
+                   if (layout := layout_named(self, queue)) is not None and layout.retaining]
+        if not layouts:
+            return
+        if self.cluster:  # a cluster pipeline runs no scripts: a call each, side by side
+            await asyncio.gather(*(self._levels.trim(keys=list(layout.streams),
+                                                     args=[GROUP, layout.retention_ms])
+                                   for layout in layouts))
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for layout in layouts:
+                await self._levels.trim(keys=list(layout.streams),
+                                        args=[GROUP, layout.retention_ms], client=pipe)
+            await pipe.execute()
+
     # inspecting ---------------------------------------------------------------------------
 
     async def _length(self, name: str, **options: Any) -> int:
         # Waiting: not pending for a consumer, or released by one, or delayed and due.
+        if (layout := layout_named(self, name)) is not None:
+            async with self.guard():
+                return await features.length(self, layout)
         async with self.guard():
             count: Any = await self._lua.length(
                 keys=[self.stream_key(name), self.delayed_key(name)],
@@ -289,6 +414,7 @@ class RedisBroker(AbstractQueueBroker):
     async def _requeue_dead_letters(self, name: str) -> int:
         """Move the dead letters present now (up to the last one now), not those added later."""
         dead, moved = self.dead_key(name), 0
+        targets, copy = self._requeue_targets(name)
         async with self.guard():
             newest: Any = await self.client.xrevrange(dead, count=1)
             if not newest:
@@ -296,16 +422,35 @@ class RedisBroker(AbstractQueueBroker):
             start: bytes | str = '-'
             while True:
                 count, last = await self._lua.requeue(
-                    keys=[dead, self.stream_key(name)],
-                    args=[start, newest[0][0], REQUEUE_BATCH], client=self.client)
+                    keys=[dead, *targets],
+                    args=[start, newest[0][0], REQUEUE_BATCH, copy], client=self.client)
                 moved += int(count)
                 if int(count) < REQUEUE_BATCH:
                     return moved
                 start = b'(' + last
 
+    def _requeue_targets(self, name: str) -> tuple[list[str], str]:
+        """The streams a dead letter of ``name`` goes back to (by level), and the field that
+        marks it a copy on a retaining queue (history lists the original send only)."""
+        layout = layout_named(self, name)
+        if layout is None:
+            return [self.stream_key(name)], ''
+        return list(layout.streams), 'again' if layout.retaining else ''
+
+    async def _retained(self, name: str, since: float | None, until: float | None,
+                        after: Any, limit: int) -> tuple[list[Retained], Any]:
+        layout = layout_named(self, name)
+        if layout is None or not layout.retaining:
+            raise self._unsupported(f'history of queue {name!r}, declared without retention')
+        async with self.guard():
+            return await retained(self, layout, since, until, after, limit)
+
     # operators' primitives (admin commands) -------------------------------------------------
 
     async def _stats(self, name: str) -> QueueStats:
+        if (layout := layout_named(self, name)) is not None:
+            async with self.guard():
+                return await features.stats(self, layout)
         async with self.guard(), self.client.pipeline(transaction=True) as pipe:
             pipe.zcard(self.delayed_key(name))
             pipe.xlen(self.dead_key(name))
@@ -324,6 +469,9 @@ class RedisBroker(AbstractQueueBroker):
     async def _purge(self, name: str) -> int:
         # What waits: stream entries nobody holds (in flight ones are pending in the group),
         # and the delayed ones. An entry read at this very moment may still be handled.
+        if (layout := layout_named(self, name)) is not None:
+            async with self.guard():
+                return await features.purge(self, layout)
         stream = self.stream_key(name)
         async with self.guard():
             held: set[bytes] = set()
@@ -354,6 +502,7 @@ class RedisBroker(AbstractQueueBroker):
 
     async def _requeue_dead_letters_by_id(self, name: str, ids: frozenset[str]) -> int:
         moved, dead = 0, self.dead_key(name)
+        targets, copy = self._requeue_targets(name)
         async with self.guard():
             entries = await self._page(dead, '-')
             while entries:
@@ -361,7 +510,7 @@ class RedisBroker(AbstractQueueBroker):
                     message_id = fields.get(b'id', b'').decode(errors='replace') or entry_id.decode()
                     if message_id in ids:  # moved by the requeue script: one entry, atomically
                         count, _ = await self._lua.requeue(
-                            keys=[dead, self.stream_key(name)], args=[entry_id, entry_id, 1],
+                            keys=[dead, *targets], args=[entry_id, entry_id, 1, copy],
                             client=self.client)
                         moved += int(count)
                 entries = await self._page(dead, '(' + entries[-1][0].decode())

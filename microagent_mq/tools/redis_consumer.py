@@ -48,11 +48,11 @@ class RedisSubscription(Subscription):
         self._next_claim = 0.0  # claim first: messages released or abandoned earlier
         self._tidy_idle_ms = int(max(10 * visibility_s, 60.0) * 1000)
         self._next_tidy = 0.0
-        self._acks: list[bytes] = []
+        self._acks: list[Any] = []  # handles: entry ids (a subclass may use others)
         self._ack_flush: asyncio.Task[None] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
-        self._held: set[bytes] = set()  # fetched, not yet settled or released: renewed
-        self._unsettled: set[bytes] = set()  # a handler ran, settling failed: not released
+        self._held: set[Any] = set()  # fetched, not yet settled or released: renewed
+        self._unsettled: set[Any] = set()  # a handler ran, settling failed: not released
         self._stopping = False
         self._heartbeat = Heartbeat(self, visibility_s / 3, broker.log, queue)
 
@@ -94,11 +94,13 @@ class RedisSubscription(Subscription):
                                      'creating it again', self._queue)
             await self.create_group()
             return []
-        if not reply:
-            return []
-        return await self._deliveries(reply[0][1])
+        return await self._replied(reply, max_count)
 
-    async def _read(self, acks: list[bytes], max_count: int, block: int | None = BLOCK_MS) -> Any:
+    async def _replied(self, reply: Any, max_count: int) -> list[Delivery]:
+        """The deliveries of a read's reply (here one stream: the queue's)."""
+        return await self._deliveries(reply[0][1]) if reply else []
+
+    async def _read(self, acks: list[Any], max_count: int, block: int | None = BLOCK_MS) -> Any:
         client = self._broker.client
         if not acks:
             return await client.xreadgroup(GROUP, self._name, {self._stream: '>'},
@@ -236,7 +238,7 @@ class RedisSubscription(Subscription):
         delivery.received_at = time.monotonic()
         return True
 
-    async def renew(self, handles: Sequence[bytes]) -> list[bytes]:
+    async def renew(self, handles: Sequence[Any]) -> list[Any]:
         """Renew the hold on ``handles``; returns those another consumer took over."""
         if self._broker._connected is None:  # the broker closed: never connect again for this
             return []
@@ -247,7 +249,7 @@ class RedisSubscription(Subscription):
         self._held.difference_update(lost)
         return lost
 
-    def held(self) -> list[bytes]:
+    def held(self) -> list[Any]:
         """The entries this consumer holds now (fetched, neither settled nor released)."""
         return list(self._held)
 
@@ -256,7 +258,7 @@ class RedisSubscription(Subscription):
         self._held.difference_update(handles)
         await self._release(handles)
 
-    async def _release(self, handles: Sequence[bytes]) -> None:
+    async def _release(self, handles: Sequence[Any]) -> None:
         await self._scripts.release(keys=[self._stream],
                                     args=[GROUP, self._name, RELEASED_IDLE_MS, *handles])
 

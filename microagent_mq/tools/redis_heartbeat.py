@@ -4,16 +4,16 @@ visibility timeout can be short (fast recovery after a crash) while handlers run
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Holder(Protocol):
     """What the heartbeat renews: a consumer holding messages."""
 
-    def held(self) -> list[bytes]:
+    def held(self) -> list[Any]:
         """The entries held now."""
 
-    async def renew(self, handles: Sequence[bytes]) -> list[bytes]:
+    async def renew(self, handles: Sequence[Any]) -> list[Any]:
         """Renew the hold on ``handles``; returns those lost to another consumer."""
 
 

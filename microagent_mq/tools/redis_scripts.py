@@ -5,7 +5,11 @@ only the reply was lost. Every write here is therefore idempotent: a send checks
 mark first, a settlement acts only on an entry still pending for its consumer.
 """
 
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 SENT_MARK_TTL_S = 300  # far beyond redis-py's retries of one send
 
@@ -39,9 +43,9 @@ return 1
 #   'P', key index, count, ts, then count x (body, id)       plain messages to a stream
 #   'F', key index, due ms (0: now), n, then n field values  one entry, or a delayed member
 # A delayed member is the JSON array of the entry's fields, in a sorted set scored by due ms.
-PUBLISH = _FIRST_TIME + """
-if not first_time(KEYS[1], ARGV[1]) then return 0 end
-local i = 2
+# RECORDS writes the records from ARGV[i] on (shared with the checked publish, whose entries
+# of queues with priorities take ids of the queue's clock: {XADD}(key, ...) adds an entry).
+RECORDS = """
 while i <= #ARGV do
     local key = KEYS[tonumber(ARGV[i + 1])]
     if ARGV[i] == 'P' then
@@ -49,7 +53,7 @@ while i <= #ARGV do
         local ts = ARGV[i + 3]
         local j = i + 4
         for _ = 1, count do
-            redis.call('XADD', key, '*', 'body', ARGV[j], 'id', ARGV[j + 1], 'ts', ts)
+            {XADD}(key, 'body', ARGV[j], 'id', ARGV[j + 1], 'ts', ts)
             j = j + 2
         end
         i = j
@@ -57,13 +61,19 @@ while i <= #ARGV do
         local n = tonumber(ARGV[i + 3])
         local fields = {unpack(ARGV, i + 4, i + 3 + n)}
         if ARGV[i + 2] == '0' then
-            redis.call('XADD', key, '*', unpack(fields))
+            {XADD}(key, unpack(fields))
         else
             redis.call('ZADD', key, ARGV[i + 2], cjson.encode(fields))
         end
         i = i + 4 + n
     end
 end
+"""
+
+PUBLISH = _FIRST_TIME + """
+if not first_time(KEYS[1], ARGV[1]) then return 0 end
+local i = 2
+""" + RECORDS.replace('{XADD}(key, ', "redis.call('XADD', key, '*', ") + """
 return 1
 """
 
@@ -87,7 +97,10 @@ else
     redis.call('ZADD', KEYS[2], ARGV[4], cjson.encode(fields))
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
+"""
+# On a queue with retention the settled entry stays (acked) in its stream, for history.
+SETTLE_KEEP = SETTLE + 'return 1\n'
+SETTLE += """redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -183,20 +196,31 @@ return waiting + redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[2])
 """
 
 # Move the dead letters with ids in [ARGV[1], ARGV[2]] (at most ARGV[3]) back into the
-# stream as first attempts. KEYS: dead letters, stream. Returns {moved, last id read}.
-# Moving deletes, so running it twice moves nothing twice.
+# stream as first attempts. KEYS: dead letters, then the queue's stream of each priority
+# level (just its stream without priorities). ARGV[4]: a field marking the entry as a copy
+# ('' for none: on a queue with retention, history lists the original only).
+# Returns {moved, last id read}. Moving deletes, so running it twice moves nothing twice.
 REQUEUE = """
 local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
 for _, entry in ipairs(entries) do
     local fields = {}
+    local key = KEYS[2]
     local f = entry[2]
     for i = 1, #f, 2 do
-        if f[i] == 'body' or f[i] == 'id' or f[i] == 'ts' or f[i] == 'headers' then
+        if f[i] == 'body' or f[i] == 'id' or f[i] == 'ts' or f[i] == 'headers'
+                or f[i] == 'priority' then
             fields[#fields + 1] = f[i]
             fields[#fields + 1] = f[i + 1]
         end
+        if f[i] == 'priority' then
+            key = KEYS[math.min(2 + (tonumber(f[i + 1]) or 0), #KEYS)]
+        end
     end
-    redis.call('XADD', KEYS[2], '*', unpack(fields))
+    if ARGV[4] ~= nil and ARGV[4] ~= '' then
+        fields[#fields + 1] = ARGV[4]
+        fields[#fields + 1] = '1'
+    end
+    redis.call('XADD', key, '*', unpack(fields))
     redis.call('XDEL', KEYS[1], entry[1])
 end
 if #entries == 0 then return {0, ''} end
@@ -221,18 +245,43 @@ return gone
 """
 
 
+class Script:
+    """A script run by its SHA; one the server does not know yet is run (and so cached) by EVAL.
+
+    Not redis-py's fallback, SCRIPT LOAD: on a cluster that goes to every master, so one dead
+    master would fail the scripts of queues on the live ones.
+    """
+
+    def __init__(self, client: Any, text: str) -> None:
+        self._registered = client.register_script(text)  # pipelines load it before they run
+        self._client = client
+        self.script = text
+        self.sha: str = self._registered.sha
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Iterable[Any] = (),
+                       client: Any = None) -> Any:
+        if isinstance(client, Pipeline):
+            return await self._registered(keys=keys, args=args, client=client)
+        client = client or self._client
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.script, len(keys), *keys, *args)
+
+
 class Scripts:
-    """Every script, registered on one client (redis-py loads them on first use)."""
+    """Every script, registered on one client (cached by the server on first use)."""
 
     def __init__(self, client: Any) -> None:
-        self.send_one = client.register_script(SEND_ONE)
-        self.send_one_headers = client.register_script(SEND_ONE_HEADERS)
-        self.publish = client.register_script(PUBLISH)
-        self.settle = client.register_script(SETTLE)
-        self.renew = client.register_script(RENEW)
-        self.release = client.register_script(RELEASE)
-        self.claim = client.register_script(CLAIM)
-        self.move_due = client.register_script(MOVE_DUE)
-        self.length = client.register_script(LENGTH)
-        self.requeue = client.register_script(REQUEUE)
-        self.tidy = client.register_script(TIDY)
+        self.send_one = Script(client, SEND_ONE)
+        self.send_one_headers = Script(client, SEND_ONE_HEADERS)
+        self.publish = Script(client, PUBLISH)
+        self.settle = Script(client, SETTLE)
+        self.settle_keep = Script(client, SETTLE_KEEP)
+        self.renew = Script(client, RENEW)
+        self.release = Script(client, RELEASE)
+        self.claim = Script(client, CLAIM)
+        self.move_due = Script(client, MOVE_DUE)
+        self.length = Script(client, LENGTH)
+        self.requeue = Script(client, REQUEUE)
+        self.tidy = Script(client, TIDY)
