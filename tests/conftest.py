@@ -284,7 +284,7 @@ async def delete_amqp_queues(queues: list[str], exchanges: list[str]) -> None:
     async with connection:
         channel = await connection.channel()
         for name in queues:
-            for suffix in ('', '.dlq', '.bindings'):
+            for suffix in ('', '.dlq', '.bindings', '.due', '.journal', '.journal.bindings'):
                 await channel.queue_delete(name + suffix)
         for name in exchanges:
             await channel.exchange_delete(name)

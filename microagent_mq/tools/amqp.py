@@ -32,10 +32,17 @@ from ..consumer import Consumer
 from ..dsn import mask_dsn, parse_dsn
 from ..exceptions import BrokerUnavailable
 from ..queue import Queue, check_durability
-from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
+from ..transport import DeadLetter, Outgoing, QueueStats, Retained, Subscription
 from . import amqp_admin
 from .amqp_bindings import sync_bindings
-from .amqp_codec import attempt_of, failed_at_of, headers_of, outgoing_message, sent_at_of
+from .amqp_codec import (
+    attempt_of,
+    failed_at_of,
+    headers_of,
+    outgoing_message,
+    priority_of,
+    sent_at_of,
+)
 from .amqp_consumer import AMQPSubscription
 from .amqp_delay import (
     DESTINATION_HEADER,
@@ -48,7 +55,10 @@ from .amqp_delay import (
 )
 from .amqp_durability import declare_queue
 from .amqp_errors import ERRORS, is_transient
-from .amqp_publish import Copy, check_delay, copies_of, exchange_of, send
+from .amqp_journal import declare_journal
+from .amqp_journal import read as read_journal
+from .amqp_options import check_options, due_name, queue_arguments, reentry
+from .amqp_publish import Copy, check_delay, check_room, copies_of, exchange_of, publish_copies
 
 __all__ = ['ERRORS', 'AMQPBroker']
 
@@ -145,14 +155,26 @@ class AMQPBroker(AbstractQueueBroker):
 
     async def declare(self, channel: AbstractChannel, queue: Queue) -> AbstractQueue:
         """Declare a durable queue, bind it to its exchange as declared, unbind what was dropped."""
-        declared = await declare_queue(channel, queue.name, self.durability_of(queue))
+        durability = self.durability_of(queue)
+        check_options(queue, durability)
+        declared = await declare_queue(channel, queue.name, durability,
+                                       queue_arguments(queue, durability))
+        if queue.max_length:  # where accepted messages re-enter it (amqp_options)
+            await declare_queue(channel, due_name(queue.name), durability,
+                                queue_arguments(queue, durability, bounded=False))
+        journal = await declare_journal(channel, queue) if queue.retention_s else None
         wanted: list[tuple[str, str]] = []
         if queue.exchange:
             exchange = await self._exchange(channel, queue.exchange)
             for pattern in queue.topics or ('#',):
                 await declared.bind(exchange, routing_key=pattern)
+                if journal is not None:  # it takes what the queue takes (amqp_journal)
+                    await journal.bind(exchange, routing_key=pattern)
                 wanted.append((queue.exchange, pattern))
-        await sync_bindings(await self.connection(), queue.name, wanted)
+        connection = await self.connection()
+        await sync_bindings(connection, queue.name, wanted)
+        if journal is not None:
+            await sync_bindings(connection, journal.name, wanted)
         return declared
 
     async def _exchange(self, channel: AbstractChannel, name: str) -> AbstractExchange:
@@ -198,6 +220,8 @@ class AMQPBroker(AbstractQueueBroker):
     async def _publish(self, batch: Sequence[Outgoing]) -> None:
         for message in batch:
             check_delay(message.delay)
+        if len(batch) > 1:  # all or none of a batch into a bounded queue (amqp_publish)
+            await check_room(self._ready, batch)
         pending = [copy for message in batch for copy in copies_of(message)]
         deadline = time.monotonic() + self.send_timeout
         failures = 0
@@ -236,25 +260,12 @@ class AMQPBroker(AbstractQueueBroker):
             name = exchange_of(copy)
             if name and name not in exchanges:
                 exchanges[name] = await self._exchange_for(channel, name)
-        if len(copies) == 1:
-            await send(channel, copies[0])
-            return [], None
-        # every confirm awaited together: one wait for the batch
-        results = await asyncio.gather(*(send(channel, c) for c in copies),
-                                       return_exceptions=True)
-        failed, error = [], None
-        for copy, result in zip(copies, results, strict=True):
-            if isinstance(result, BaseException):
-                if not is_transient(result):
-                    raise result
-                failed.append(copy)
-                error = error or result
-        return failed, error
+        return await publish_copies(channel, exchanges, copies)
 
     async def republish(self, queue: str, body: bytes, message_id: str, attempt: int,
                         delay: float = 0.0, headers: dict[str, Any] | None = None, *,
                         user_headers: dict[str, Any] | None = None, sent_at: float = 0.0,
-                        channel: AbstractChannel | None = None) -> None:
+                        channel: AbstractChannel | None = None, priority: int = 0) -> None:
         """Publish a message of ``queue`` again (retry, dead letter, requeue), confirmed.
 
         ``headers``: transport headers (``x-error``...); ``user_headers`` and ``sent_at``: the
@@ -263,13 +274,16 @@ class AMQPBroker(AbstractQueueBroker):
         ``channel``: publish there instead (a consumer's transactional channel: unconfirmed,
         it takes effect at the consumer's commit); declarations still go through the
         publishing channel, so no exchange object of ours is ever bound to a consumer's channel.
+        ``priority``: the message's, kept. Into a bounded queue, through its ``.due``
+        (``amqp_options``): a message already accepted never meets the bound again.
         """
+        queue = reentry(queue)
         publish_on = channel or await self.publish_channel()
         try:
             if delay <= 0:
                 await publish_on.default_exchange.publish(outgoing_message(
                     body, message_id, attempt, headers=user_headers, sent_at=sent_at,
-                    extra=headers), queue)
+                    extra=headers, priority=priority), queue)
                 return
             ms = delay_ms(min(delay, MAX_DELAY_S))
             declaring = await self.publish_channel()
@@ -280,7 +294,8 @@ class AMQPBroker(AbstractQueueBroker):
                 entry = await channel.get_exchange(entry_exchange(ms), ensure=False)
             await entry.publish(outgoing_message(
                 body, message_id, attempt, headers=user_headers, sent_at=sent_at,
-                extra={**(headers or {}), DESTINATION_HEADER: queue}), routing_key(ms))
+                extra={**(headers or {}), DESTINATION_HEADER: queue}, priority=priority),
+                routing_key(ms))
         except BaseException:
             self._forget()  # the next try declares again
             raise
@@ -297,6 +312,12 @@ class AMQPBroker(AbstractQueueBroker):
     # inspecting ---------------------------------------------------------------------------
 
     async def _length(self, name: str, **options: Any) -> int:
+        due = reentry(name)
+        if due != name:  # a bounded queue's accepted messages wait in both (amqp_options)
+            return await self._ready(name) + await self._ready(due)
+        return await self._ready(name)
+
+    async def _ready(self, name: str) -> int:
         connection = await self.connection()
         # A passive declare of a missing queue closes its channel: use a throwaway one.
         async with connection.channel(publisher_confirms=False) as channel:
@@ -333,7 +354,7 @@ class AMQPBroker(AbstractQueueBroker):
         """
         deadline = time.monotonic() + PEEK_RETURN_S
         while time.monotonic() < deadline:
-            if await self._length(name) >= ready:
+            if await self._ready(name) >= ready:
                 return
             await asyncio.sleep(0.01)  # no event says when RabbitMQ took them back
 
@@ -351,16 +372,24 @@ class AMQPBroker(AbstractQueueBroker):
                 if message is None:
                     break
                 await self.republish(name, message.body, message.message_id or '', 1,
-                                     user_headers=headers_of(message), sent_at=sent_at_of(message))
+                                     user_headers=headers_of(message), sent_at=sent_at_of(message),
+                                     priority=priority_of(message))
                 await message.ack()
                 moved += 1
         return moved
+
+    async def _retained(self, name: str, since: float | None, until: float | None,
+                        after: Any, limit: int) -> tuple[list[Retained], Any]:
+        return await read_journal(await self.connection(), Queue.get(name), since, until, after,
+                                  limit)
 
     async def _stats(self, name: str) -> QueueStats:
         return await amqp_admin.stats(self, name)
 
     async def _purge(self, name: str) -> int:
-        return await amqp_admin.purge(self, name)
+        due = reentry(name)
+        purged = await amqp_admin.purge(self, due) if due != name else 0
+        return purged + await amqp_admin.purge(self, name)
 
     async def _purge_dead_letters(self, name: str) -> int:
         return await amqp_admin.purge(self, f'{name}.dlq')

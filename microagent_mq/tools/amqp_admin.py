@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractChannel
 
 from ..queue import Queue
 from ..transport import QueueStats
-from .amqp_codec import headers_of, sent_at_of
+from .amqp_codec import headers_of, priority_of, sent_at_of
 
 if TYPE_CHECKING:
     from .amqp import AMQPBroker
@@ -30,8 +30,7 @@ async def _count(channel: AbstractChannel, name: str) -> int:
 async def stats(broker: 'AMQPBroker', name: str) -> QueueStats:
     """Ready and dead-letter counts of queue ``name``."""
     connection = await broker.connection()
-    async with connection.channel(publisher_confirms=False) as channel:
-        ready = await _count(channel, name)
+    ready = await broker._length(name)  # a bounded queue's .due included
     async with connection.channel(publisher_confirms=False) as channel:
         dead = await _count(channel, f'{name}.dlq')
     return QueueStats(name, ready, None, None, dead)
@@ -65,7 +64,8 @@ async def requeue_by_id(broker: 'AMQPBroker', name: str, ids: frozenset[str]) ->
                 break
             if (message.message_id or '') in ids:
                 await broker.republish(name, message.body, message.message_id or '', 1,
-                                       user_headers=headers_of(message), sent_at=sent_at_of(message))
+                                       user_headers=headers_of(message), sent_at=sent_at_of(message),
+                                       priority=priority_of(message))
                 await message.ack()
                 moved += 1
     return moved

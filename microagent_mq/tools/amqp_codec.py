@@ -25,20 +25,25 @@ from .amqp_incoming import Readable
 
 def outgoing_message(body: bytes, message_id: str, attempt: int, *,
                      headers: dict[str, Any] | None = None, sent_at: float = 0.0,
-                     extra: dict[str, Any] | None = None) -> aio_pika.Message:
-    """A persistent message; ``extra``: transport headers such as ``x-error``."""
+                     extra: dict[str, Any] | None = None, priority: int = 0) -> aio_pika.Message:
+    """A persistent message; ``extra``: transport headers such as ``x-error``.
+
+    ``priority``: the AMQP property, set only when above 0 (a plain message is unchanged).
+    """
     return aio_pika.Message(body, message_id=message_id, content_type=CONTENT_TYPE,
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            headers=_table(attempt, headers, sent_at, extra))
+                            headers=_table(attempt, headers, sent_at, extra),
+                            priority=priority or None)
 
 
 def outgoing_properties(message_id: str, attempt: int, *, headers: dict[str, Any] | None = None,
-                        sent_at: float = 0.0, extra: dict[str, Any] | None = None
-                        ) -> Basic.Properties:
+                        sent_at: float = 0.0, extra: dict[str, Any] | None = None,
+                        priority: int = 0) -> Basic.Properties:
     """The properties ``outgoing_message`` gives, for aiormq's ``basic_publish`` (the send
     path: an ``aio_pika.Message`` costs more than the rest of a send's own work)."""
     return Basic.Properties(message_id=message_id, content_type=CONTENT_TYPE,
-                            delivery_mode=PERSISTENT, headers=_table(attempt, headers, sent_at, extra))
+                            delivery_mode=PERSISTENT, headers=_table(attempt, headers, sent_at, extra),
+                            priority=priority or None)
 
 
 CONTENT_TYPE = 'application/json'
@@ -58,6 +63,11 @@ def _table(attempt: int, headers: dict[str, Any] | None, sent_at: float,
         if isinstance(failed_at, float):
             table['x-failed-at'] = epoch_ms(failed_at)
     return table
+
+
+def priority_of(message: Readable) -> int:
+    """The message's AMQP priority (0 when it has none)."""
+    return getattr(message, 'priority', None) or 0
 
 
 def epoch_ms(seconds: float) -> int:

@@ -57,15 +57,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as Underlay
 from aiormq.abc import DeliveredMessage
 
 from ..queue import Queue
 from ..transport import Delivery, Subscription, now_s
-from .amqp_codec import attempt_of, headers_of, id_of, sent_at_of
+from .amqp_codec import attempt_of, headers_of, id_of, priority_of, sent_at_of
 from .amqp_durability import declare_queue, delivery_count
 from .amqp_incoming import Pushed
+from .amqp_options import due_name
 from .amqp_tx import Step, Transactions
 
 if TYPE_CHECKING:
@@ -91,8 +92,8 @@ class AMQPSubscription(Subscription):
         self._waiter: asyncio.Future[None] | None = None
         self._channel: AbstractChannel | None = None
         self._underlay: Underlay | None = None  # the channel's aiormq channel
-        self._consuming: AbstractQueue | None = None
-        self._tag: str | None = None
+        # The consumer tag of each queue consumed: the queue, and a bounded one's ``.due``
+        self._tags: list[str] = []
         self._fetching = True
         self._tx = Transactions(broker.log, queue.name, eager=capacity // 2)
         # Ids of messages dropped as stale: never handled, so their redelivery is no attempt.
@@ -105,19 +106,22 @@ class AMQPSubscription(Subscription):
         await channel.initialize()
         try:
             await channel.set_qos(prefetch_count=self._capacity)
-            consuming = await self._broker.declare(channel, self._queue)
+            queues = [await self._broker.declare(channel, self._queue)]
+            if self._queue.max_length:  # accepted messages re-enter there (amqp_options)
+                queues.append(await channel.get_queue(due_name(self._name), ensure=False))
             await declare_queue(channel, f'{self._name}.dlq', self._durability)
             underlay = await channel.get_underlay_channel()
             await self._tx.select(underlay)
             channel.close_callbacks.add(lambda *_: self._wake())
             channel.return_callbacks.add(self._on_return)
             # On aiormq's channel: aio-pika's consume wraps each delivery (see amqp_incoming).
-            consume_ok = await underlay.basic_consume(self._name, self._on_delivered, no_ack=False)
-            self._tag = consume_ok.consumer_tag
+            tags = [str((await underlay.basic_consume(queue.name, self._on_delivered,
+                                                      no_ack=False)).consumer_tag)
+                    for queue in queues]
         except BaseException:
             await _close(channel)
             raise
-        self._channel, self._underlay, self._consuming = channel, underlay, consuming
+        self._channel, self._underlay, self._tags = channel, underlay, tags
         if not self._fetching:  # stopped while this opened
             await self._cancel()
 
@@ -188,13 +192,16 @@ class AMQPSubscription(Subscription):
         await self._cancel()
 
     async def _cancel(self) -> None:
-        underlay, tag, self._tag = self._underlay, self._tag, None
-        if underlay is None or tag is None or self._closed():
+        underlay, tags, self._tags = self._underlay, self._tags, []
+        if underlay is None:
             return
-        try:
-            await underlay.basic_cancel(tag)
-        except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
-            self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
+        for tag in tags:
+            if self._closed():
+                return
+            try:
+                await underlay.basic_cancel(tag)
+            except Exception as exc:  # the channel is gone: RabbitMQ pushes nothing either
+                self._broker.log.info('Cancelling the consumer of %s failed: %r', self._name, exc)
 
     async def ack(self, delivery: Delivery) -> None:
         message: Pushed = delivery.handle
@@ -231,7 +238,8 @@ class AMQPSubscription(Subscription):
             steps.append(lambda: declare_queue(channel, target, self._durability))
         steps.append(lambda: self._broker.republish(
             target, delivery.body, delivery.message_id, attempt, delay, headers=headers,
-            user_headers=delivery.headers, sent_at=delivery.sent_at, channel=channel))
+            user_headers=delivery.headers, sent_at=delivery.sent_at, channel=channel,
+            priority=delivery.priority))
         steps.append(message.ack)
         try:
             await self._tx.atomically(underlay, *steps)
@@ -313,7 +321,7 @@ class AMQPSubscription(Subscription):
 def _delivery(message: Pushed) -> Delivery:
     message_id, synthetic = id_of(message)
     return Delivery(message.body, message_id, attempt_of(message), message,
-                    headers_of(message), sent_at_of(message), synthetic)
+                    headers_of(message), sent_at_of(message), synthetic, priority_of(message))
 
 
 def _message_id(message: Pushed) -> str:

@@ -52,15 +52,23 @@ ARGUMENTS: dict[str, FieldTable | None] = {
 _CURRENT = re.compile(r"current is the value '([^']+)'")
 
 
-async def declare_queue(channel: AbstractChannel, name: str, durability: str) -> AbstractQueue:
+async def declare_queue(channel: AbstractChannel, name: str, durability: str,
+                        arguments: FieldTable | None = None) -> AbstractQueue:
     """Declare durable queue ``name`` of that durability; a type clash is a clear error.
 
+    ``arguments``: the whole argument table (``amqp_options``), None: the durability's own.
     The clash closes ``channel`` (RabbitMQ's answer), as any failed declaration does.
     """
     try:
-        return await channel.declare_queue(name, durable=True, arguments=ARGUMENTS[durability])
+        return await channel.declare_queue(
+            name, durable=True, arguments=ARGUMENTS[durability] if arguments is None else arguments)
     except ChannelPreconditionFailed as exc:
         if 'x-queue-type' not in str(exc):
+            if 'inequivalent arg' in str(exc):
+                raise ConfigurationError(
+                    f'queue {name!r} exists on RabbitMQ with other options ({_reason(exc)}): '
+                    'RabbitMQ cannot change them in place; delete the queue (or use another '
+                    'name) first') from exc
             raise
         match = _CURRENT.search(str(exc))
         current = match.group(1) if match else 'classic'
@@ -68,6 +76,11 @@ async def declare_queue(channel: AbstractChannel, name: str, durability: str) ->
             f'queue {name!r} exists on RabbitMQ as a {current} queue but is declared {durability} '
             f'here: a queue cannot change type; declare it {current}, or delete it (or move its '
             'messages to a queue of another name) first') from exc
+
+
+def _reason(exc: ChannelPreconditionFailed) -> str:
+    match = re.search(r"inequivalent arg '[^']+'[^\"']*", str(exc))
+    return match.group(0).strip() if match else str(exc)
 
 
 def delivery_count(message: Readable) -> int:

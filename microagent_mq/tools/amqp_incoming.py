@@ -30,7 +30,8 @@ class Readable(Protocol):
 class Pushed:
     """One delivery of a consumer's channel."""
 
-    __slots__ = ('_channel', 'body', 'delivery_tag', 'headers', 'message_id', 'redelivered')
+    __slots__ = ('_channel', 'body', 'delivery_tag', 'headers', 'message_id', 'priority',
+                 'redelivered')
 
     def __init__(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
@@ -40,6 +41,7 @@ class Pushed:
         self.redelivered: bool = bool(message.redelivered)
         self.message_id: str | None = properties.message_id
         self.headers: Mapping[str, Any] = properties.headers or {}
+        self.priority: int = properties.priority or 0
 
     @property
     def channel(self) -> AbstractChannel:

@@ -2,21 +2,32 @@
 
 A message is one copy, published to its queue or to its exchange with its topic; a delayed
 message is one copy per queue it goes to, published into the delay ladder (``amqp_delay``)
-with the queue in its ``mq-delay-to`` header. Copies are what a failed batch sends again.
+with the queue in its ``mq-delay-to`` header (a bounded queue's ``.due``: ``amqp_options``).
+Copies are what a failed batch sends again. A queue with retention takes a journal copy
+(``amqp_journal``): in the same publish (``BCC``) when sent directly, else a copy of its own
+published into the journal after the message's other copies were confirmed.
 """
 
+import asyncio
 import math
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractExchange
+from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, QueueFull
+from ..queue import Queue
 from ..transport import Outgoing
 from .amqp_codec import outgoing_properties
 from .amqp_delay import DESTINATION_HEADER, MAX_DELAY_S, delay_ms, entry_exchange, routing_key
+from .amqp_errors import is_transient
+from .amqp_journal import has_journal, journal_name
+from .amqp_options import is_bounded, reentry
 
 
 @dataclass(slots=True)
@@ -25,13 +36,22 @@ class Copy:
 
     message: Outgoing
     delayed_to: str = ''  # the destination queue of a delayed copy
+    journal: str = ''  # a journal copy: published there once the message's others are stored
 
 
 def copies_of(message: Outgoing) -> list[Copy]:
     """The publishes a message takes (none for a delayed send that no queue takes)."""
     if message.delay > 0:
-        return [Copy(message, queue) for queue in message.queues]
+        copies = [Copy(message, reentry(queue)) for queue in message.queues]
+        return copies + journal_copies(message)
+    if not message.exchange and is_bounded(message.queues[0]):
+        return [Copy(message), *journal_copies(message)]  # see amqp_journal: after the confirm
     return [Copy(message)]
+
+
+def journal_copies(message: Outgoing) -> list[Copy]:
+    """A copy for the journal of each of the message's queues that keeps one."""
+    return [Copy(message, journal=journal_name(q)) for q in message.queues if has_journal(q)]
 
 
 def check_delay(delay: float) -> None:
@@ -43,6 +63,8 @@ def check_delay(delay: float) -> None:
 
 def exchange_of(copy: Copy) -> str:
     """The exchange a copy is published to: the ladder's entry, the message's, or none."""
+    if copy.journal:
+        return ''
     if copy.delayed_to:
         return entry_exchange(delay_ms(copy.message.delay))
     return copy.message.exchange
@@ -60,6 +82,10 @@ async def send(channel: AbstractChannel, copy: Copy) -> Any:
     message = copy.message
     # aiormq's own channel: its basic_publish takes ``wait`` (the abstract one does not say)
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    if copy.journal:
+        return await underlay.basic_publish(
+            message.body, exchange='', routing_key=copy.journal,
+            properties=properties_of(message), mandatory=True, wait=False)
     if copy.delayed_to:
         ms = delay_ms(message.delay)
         return await underlay.basic_publish(
@@ -70,12 +96,113 @@ async def send(channel: AbstractChannel, copy: Copy) -> Any:
         return await underlay.basic_publish(
             message.body, exchange=message.exchange, routing_key=message.topic,
             properties=properties_of(message), mandatory=False, wait=False)
+    queue = message.queues[0]
+    # One publish to the queue and its journal (see amqp_journal); a bounded queue's copy
+    # is a Copy of its own instead.
+    extra = {'BCC': [journal_name(queue)]} if has_journal(queue) and not is_bounded(queue) else None
     return await underlay.basic_publish(
-        message.body, exchange='', routing_key=message.queues[0],
-        properties=properties_of(message), mandatory=True, wait=False)
+        message.body, exchange='', routing_key=queue,
+        properties=properties_of(message, extra), mandatory=True, wait=False)
 
 
 def properties_of(message: Outgoing, extra: dict[str, Any] | None = None) -> Basic.Properties:
     """A first attempt, with the sender's metadata; ``extra``: transport headers."""
     return outgoing_properties(message.message_id, 1, headers=message.headers,
-                               sent_at=message.sent_at, extra=extra)
+                               sent_at=message.sent_at, extra=extra, priority=message.priority)
+
+
+async def publish_copies(channel: AbstractChannel, exchanges: dict[str, AbstractExchange],
+                         copies: list[Copy]) -> tuple[list[Copy], BaseException | None]:
+    """Publish every copy: the messages, then the journal copies of those stored.
+
+    Returns the copies that failed for a transient reason (to send again) and the first such
+    error. Raises ``QueueFull`` when a full bounded queue refused a message (its journal
+    copy is not published; the rest of the batch is).
+    """
+    if len(copies) == 1 and not copies[0].journal:
+        try:
+            await send(channel, copies[0])
+        except DeliveryError as exc:
+            _raise_if_refused(copies[0], exc)
+            raise
+        return [], None
+    first = [copy for copy in copies if not copy.journal]
+    failed, error, refused = await _publish_all(channel, exchanges, first)
+    later: list[Copy] = []
+    if len(first) < len(copies):
+        unsent = {id(copy.message) for copy in failed}  # their journal copies go with them
+        dropped = unsent | {id(copy.message) for copy in refused}
+        for copy in copies:
+            if copy.journal:
+                (failed if id(copy.message) in unsent else later).append(copy)
+        later = [copy for copy in later if id(copy.message) not in dropped]
+    if later:
+        again, second_error, _ = await _publish_all(channel, exchanges, later)
+        failed += again
+        error = error or second_error
+    if refused:
+        raise queue_full(refused[0].message)
+    return failed, error
+
+
+async def _publish_all(channel: AbstractChannel, exchanges: dict[str, AbstractExchange],
+                       copies: list[Copy]) -> tuple[list[Copy], BaseException | None, list[Copy]]:
+    """Publish copies, every confirm awaited together: failed, first error, refused."""
+    results = await asyncio.gather(*(send(channel, c) for c in copies),
+                                   return_exceptions=True)
+    failed: list[Copy] = []
+    refused: list[Copy] = []
+    error: BaseException | None = None
+    for copy, result in zip(copies, results, strict=True):
+        if not isinstance(result, BaseException):
+            continue
+        if isinstance(result, DeliveryError) and _refused(copy, result):
+            refused.append(copy)
+        elif is_transient(result):
+            failed.append(copy)
+            error = error or result
+        else:
+            raise result
+    return failed, error, refused
+
+
+def _refused(copy: Copy, exc: DeliveryError) -> bool:
+    """A nack of a message for a bounded queue: RabbitMQ's ``reject-publish`` answer."""
+    return (isinstance(exc.frame, Basic.Nack) and not copy.journal and not copy.delayed_to
+            and any(refuses(queue) for queue in copy.message.queues))
+
+
+def _raise_if_refused(copy: Copy, exc: DeliveryError) -> None:
+    if _refused(copy, exc):
+        raise queue_full(copy.message) from exc
+
+
+def refuses(name: str) -> bool:
+    """True for a bounded queue whose overflow is ``reject``."""
+    return is_bounded(name) and Queue.get(name).overflow == 'reject'
+
+
+def queue_full(message: Outgoing) -> QueueFull:
+    """The error of a send a full queue refused (it stored nothing there)."""
+    full = [name for name in message.queues if refuses(name)]
+    where = (f'queue {full[0]!r} is full' if len(full) == 1 and not message.exchange else
+             f'a queue of exchange {message.exchange!r} is full ({", ".join(full)} may be)')
+    return QueueFull(f'{where} (max_length reached): message {message.message_id} was refused')
+
+
+async def check_room(ready: Callable[[str], Awaitable[int]], batch: Sequence[Outgoing]) -> None:
+    """Refuse a whole batch that does not fit in a bounded ``reject`` queue, before publishing.
+
+    RabbitMQ confirms each message of a batch by itself, so a full queue would take the
+    first messages and refuse the rest; counting first makes the batch all or none, except
+    when other senders fill the queue between this count and the publish (then the messages
+    that fit are stored and ``QueueFull`` is raised: see docs/brokers/rabbitmq.md).
+    """
+    wanted = Counter(name for message in batch if message.delay <= 0
+                     for name in message.queues if refuses(name))
+    for name, count in wanted.items():
+        waiting = await ready(name)
+        limit = Queue.get(name).max_length
+        if waiting + count > limit:
+            raise QueueFull(f'queue {name!r} is full: {count} message(s) do not fit beside the '
+                            f'{waiting} waiting (max_length {limit}); none was sent')
