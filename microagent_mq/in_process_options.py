@@ -129,7 +129,8 @@ def configure(queue: OptionedQueue, name: str) -> None:
 
 def store(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
     """Put every message of ``batch`` in its queues, or none when one would overflow."""
-    _refuse_overflow(get, batch)
+    if _bounded(get, batch):  # counted first, only where a queue has a bound
+        _refuse_overflow(get, batch)
     for message in batch:
         for name in message.queues:
             queue = get(name)
@@ -145,6 +146,14 @@ def store(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> Non
                 ready = queue.ready
                 while len(ready) > queue.max_length:
                     ready.popleft()
+
+
+def _bounded(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> bool:
+    for message in batch:
+        for name in message.queues:
+            if get(name).max_length:
+                return True
+    return False
 
 
 def _refuse_overflow(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
