@@ -372,17 +372,16 @@ async def test_mover_moves_a_large_backlog_at_once(brokers: Brokers) -> None:
     await broker.send_many(queue, [{'n': n} for n in range(3000)], delay=0.001)
     await wait_until(lambda: _length_is(broker, queue, 3000), what='all due')
     left_after_burst: list[int] = []
-    move_some = broker._move_some
+    move = broker._delayed.move
 
     async def recording(queues: list[str]) -> list[str]:
-        more = await move_some(queues)
+        more = await move(queues)
         if not more:  # the end of a burst: the mover waits for the next poll now
             left_after_burst.append(await broker.client.zcard(broker.delayed_key(queue)))
         return more
 
-    broker._move_some = recording  # type: ignore[method-assign]
-    broker._delayed_watch.add(queue)
-    broker._mover = asyncio.create_task(broker._move_delayed())
+    broker._delayed.move = recording  # type: ignore[method-assign]
+    broker._delayed.watch(queue)
     await wait_until(lambda: bool(left_after_burst), what='a burst of moves')
     assert left_after_burst[0] == 0
     assert await broker.client.xlen(broker.stream_key(queue)) == 3000

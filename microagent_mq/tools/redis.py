@@ -11,7 +11,6 @@ hold for ``visibility_timeout`` (died, or its event loop was blocked that long) 
 handler had started, or when an ack is lost with its connection.
 """
 
-import asyncio
 import itertools
 import os
 import time
@@ -37,14 +36,15 @@ from ..exceptions import BrokerUnavailable
 from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
+from .redis_delayed import DelayedMover
+from .redis_reader import SharedReader
 from .redis_scripts import Scripts
 
-DELAYED_POLL_S = 0.05
-MOVE_BATCH = 1000  # delayed messages moved per queue per command; again at once while more
 REQUEUE_BATCH = 100
 # A consumer's hold on a message it fetched, renewed on a heartbeat while it lives: a crashed
 # consumer's messages go to another after this long, however long handlers may take.
 DEFAULT_VISIBILITY_S = 10.0
+POOL_WAIT_S = 20.0  # a command waiting this long for a free pool connection fails
 ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -53,6 +53,8 @@ class RedisBroker(AbstractQueueBroker):
     """``RedisBroker('redis://[:password@]host[:port]/db')``; also ``rediss://``, ``unix://``.
 
     ``prefix``: prepended to every key, so applications can share a database.
+    ``max_connections``: the connection pool's size; one more connection reads for every
+    idle consumer at once (``redis_reader``), so a process uses at most this plus one.
     ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
     ``BrokerUnavailable`` (redis-py's own retry with exponential backoff and jitter; every
     write is idempotent, so a retry after a lost reply stores nothing twice).
@@ -66,14 +68,14 @@ class RedisBroker(AbstractQueueBroker):
     prefix: str = 'mq:'
     connect_timeout: float = 2.0
     send_retries: int = 6
+    max_connections: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_redis_db(parse_dsn(self.dsn, ('redis', 'rediss', 'unix')), self.dsn)
         self._client: aioredis.Redis | None = None
-        self._delayed_watch: set[str] = set()
-        self._mover: asyncio.Task[None] | None = None
-        self._mover_stop = asyncio.Event()
+        self._reader: SharedReader | None = None
+        self._delayed = DelayedMover(self)
         # Marks of publishes done (see _sent_mark): this sender's own, counted.
         self._sender = os.urandom(6).hex()
         self._publishes = itertools.count()
@@ -101,10 +103,14 @@ class RedisBroker(AbstractQueueBroker):
         if self._client is None:
             retry = RedisRetry(ExponentialWithJitterBackoff(cap=1.0, base=0.05),
                                self.send_retries)
-            self._client = aioredis.Redis.from_url(
-                self.dsn, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            # A blocking pool: past max_connections a command waits for a free connection
+            # instead of failing (consumers never hold one while idle: see redis_reader).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.dsn, max_connections=self.max_connections, timeout=POOL_WAIT_S,
+                retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
                 socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
             )
+            self._client = aioredis.Redis.from_pool(pool)
             self._scripts = Scripts(self._client)
         return self._client
 
@@ -119,6 +125,13 @@ class RedisBroker(AbstractQueueBroker):
         self.client  # noqa: B018 - connects on first use
         return self._scripts
 
+    def _shared_reader(self) -> SharedReader | None:
+        """The one blocking read idle consumers share (None: each reads on its own, as in
+        cluster mode, where a read of many streams would cross slots)."""
+        if self._reader is None:
+            self._reader = SharedReader(self.client, GROUP, self.uid, self.log)
+        return self._reader
+
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
         """Turn 'Redis is unreachable' (after redis-py's retries) into ``BrokerUnavailable``."""
@@ -131,12 +144,10 @@ class RedisBroker(AbstractQueueBroker):
         return BrokerUnavailable(f'Redis at {mask_dsn(self.dsn)} is unreachable: {exc}')
 
     async def _disconnect(self) -> None:
-        if self._mover is not None:
-            # A flag, not cancel(): redis-py may swallow a cancellation mid-command.
-            self._mover_stop.set()
-            await asyncio.gather(self._mover, return_exceptions=True)
-            self._mover = None
-        self._delayed_watch.clear()
+        await self._delayed.stop()
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -162,6 +173,10 @@ class RedisBroker(AbstractQueueBroker):
             # One command, all or nothing: a copy for every target queue.
             keys, args = self._publish_args(batch)
             await self._eval(scripts.publish, *keys, *args, keys=len(keys))
+            for delayed in batch:  # the mover polls these queues from now on
+                if delayed.delay:
+                    for queue in delayed.queues:
+                        self._delayed.poke(queue)
         except ERRORS as exc:  # as guard() does, without a context manager on the hot path
             raise self._unavailable(exc) from exc
 
@@ -234,42 +249,12 @@ class RedisBroker(AbstractQueueBroker):
         subscription = RedisSubscription(self, queue, float(visibility), getattr(consumer, 'member', None))
         async with self.guard():
             await subscription.create_group()
-        self._delayed_watch.add(queue)
-        if self._mover is None or self._mover.done():
-            self._mover_stop = asyncio.Event()
-            self._mover = asyncio.create_task(self._move_delayed(), name='redis-delayed-mover')
+        self._delayed.watch(queue)
         return subscription
 
-    async def _move_delayed(self) -> None:
-        """Move due delayed messages into their streams, atomically (a Lua script)."""
-        failing = False
-        while not self._mover_stop.is_set():
-            try:
-                queues = list(self._delayed_watch)
-                while queues and not self._mover_stop.is_set():
-                    queues = await self._move_some(queues)  # again at once while more are due
-                if failing:
-                    self.log.warning('Moving delayed messages works again')
-                    failing = False
-            except Exception as exc:
-                if not failing:
-                    self.log.warning('Moving delayed messages failed: %r; will retry', exc)
-                    failing = True
-            try:
-                async with asyncio.timeout(1.0 if failing else DELAYED_POLL_S):
-                    await self._mover_stop.wait()
-            except TimeoutError:
-                pass
-
     async def _move_some(self, queues: list[str]) -> list[str]:
-        """Move up to MOVE_BATCH due messages of each queue; the queues that may have more."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            now_ms = int(time.time() * 1000)
-            for queue in queues:
-                await self._lua.move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
-                                     args=[now_ms, MOVE_BATCH], client=pipe)
-            moved = await pipe.execute()
-        return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
+        """Move up to redis_delayed.MOVE_BATCH due messages of each queue; the queues that may have more."""
+        return await self._delayed.move(queues)
 
     # inspecting ---------------------------------------------------------------------------
 

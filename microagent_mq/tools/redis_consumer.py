@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 from ..transport import Delivery, Subscription, now_s
 from .redis_codec import MalformedEntry, due_ms, entry_fields, to_delivery
 from .redis_heartbeat import Heartbeat
+from .redis_reader import Inbox
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 GROUP = 'microagent_mq'
 BLOCK_MS = 250  # an idle XREADGROUP returns this often, so a stop never waits long for it
+IDLE_WAKE_S = 10.0  # a fetch waiting in the shared read returns empty this often (no command)
 ACK_BACKLOG = 1000  # past this many unflushed acks, acking waits for the flush
 ACK_DELAY_S = 0.002  # acks no fetch has carried by then are flushed on their own
 RELEASED_IDLE_MS = 10**10  # a released message looks abandoned for ages: claimed at once
@@ -54,6 +56,10 @@ class RedisSubscription(Subscription):
         self._held: set[bytes] = set()  # fetched, not yet settled or released: renewed
         self._unsettled: set[bytes] = set()  # a handler ran, settling failed: not released
         self._stopping = False
+        # Idle, this consumer waits in the broker's shared read (redis_reader) instead of
+        # blocking a connection of its own; a pull session's own member reads on its own.
+        self._shares = member is None
+        self._inbox: Inbox | None = None
         self._heartbeat = Heartbeat(self, visibility_s / 3, broker.log, queue)
 
     @property
@@ -72,6 +78,10 @@ class RedisSubscription(Subscription):
         if self._stopping:
             return []
         self._heartbeat.start()
+        if self._inbox is not None:  # idle: waiting in the shared read
+            waited = await self._wait_shared(wait_s)
+            if waited is not None:
+                return waited
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self._claim_every
             if claimed := await self._claim(max_count):
@@ -80,23 +90,54 @@ class RedisSubscription(Subscription):
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
+        # With a shared reader, read without blocking: an empty queue waits there instead.
+        reader = self._broker._shared_reader() if self._shares and wait_s != 0 else None
         try:
-            reply = await self._read(acks, max_count, _block_ms(wait_s))
+            reply = await self._read(acks, max_count, None if reader else _block_ms(wait_s))
         except BaseException as exc:
             # Acking twice is harmless; not acking would redeliver. A read whose reply is
             # lost leaves entries pending here: close() releases them.
             self._acks[:0] = acks
-            if not isinstance(exc, ResponseError) or 'NOGROUP' not in str(exc):
-                raise
-            self._acks.clear()  # the group and its pending entries are gone
-            self._held.clear()
-            self._broker.log.warning('Consumer group of %s is gone (Redis restarted?); '
-                                     'creating it again', self._queue)
-            await self.create_group()
+            await self._group_gone(exc)
             return []
-        if not reply:
+        if reply:
+            return await self._deliveries(reply[0][1])
+        if reader is None or self._stopping:
             return []
-        return await self._deliveries(reply[0][1])
+        self._inbox = await reader.register(self, [self._stream], max_count, self._visibility_ms)
+        return await self._wait_shared(wait_s) or []
+
+    async def _wait_shared(self, wait_s: float | None) -> list[Delivery] | None:
+        """Wait in the shared read: its entries; [] if none came in time (still waiting);
+        None if the sweep found messages to claim (claim them now)."""
+        inbox = self._inbox
+        assert inbox is not None
+        if not inbox.ready.is_set():
+            try:
+                async with asyncio.timeout(IDLE_WAKE_S if wait_s is None else wait_s):
+                    await inbox.ready.wait()
+            except TimeoutError:
+                return []
+        if self._stopping and not inbox.entries:
+            return []  # woken by stop_fetching: close() leaves the reader
+        self._inbox = None  # the reader let it go: it read for it, or found claims, or failed
+        if inbox.error is not None:
+            await self._group_gone(inbox.error)
+            return []
+        if inbox.claim:
+            self._next_claim = 0.0
+            return None
+        return await self._deliveries(e for _, entries in inbox.entries for e in entries)
+
+    async def _group_gone(self, exc: BaseException) -> None:
+        """Create the group again if a read failed because it is gone; raise anything else."""
+        if not isinstance(exc, ResponseError) or 'NOGROUP' not in str(exc):
+            raise exc
+        self._acks.clear()  # the group and its pending entries are gone
+        self._held.clear()
+        self._broker.log.warning('Consumer group of %s is gone (Redis restarted?); '
+                                 'creating it again', self._queue)
+        await self.create_group()
 
     async def _read(self, acks: list[bytes], max_count: int, block: int | None = BLOCK_MS) -> Any:
         client = self._broker.client
@@ -119,6 +160,7 @@ class RedisSubscription(Subscription):
         """
         out = []
         held = self._held
+        self._heartbeat.holding()
         for entry_id, fields in entries:
             if not fields:  # deleted from the stream meanwhile
                 continue
@@ -219,6 +261,7 @@ class RedisSubscription(Subscription):
                               delivery.sent_at, delivery.headers)
         await self._settle(delivery, self._broker.delayed_key(self._queue),
                            due_ms(max(delay, 0.001)), fields)
+        self._broker._delayed.poke(self._queue)  # polled by the mover from now on
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         fields = entry_fields(delivery.body, delivery.message_id, 1, delivery.sent_at,
@@ -261,12 +304,21 @@ class RedisSubscription(Subscription):
                                     args=[GROUP, self._name, RELEASED_IDLE_MS, *handles])
 
     async def stop_fetching(self) -> None:
-        # A read under way returns within BLOCK_MS with what it read; no new read starts.
+        # A read under way returns within BLOCK_MS with what it read; no new read starts;
+        # a wait in the shared read returns now.
         self._stopping = True
+        if self._inbox is not None:
+            self._inbox.wake()
 
     async def close(self) -> None:
         self._stopping = True
         await self._heartbeat.stop()
+        reader = self._broker._reader
+        if reader is not None:
+            # Once out of the shared read, what it read for us is pending here and never
+            # handed out: _release_orphans below gives it back.
+            self._inbox = None
+            await reader.unregister(self)
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
