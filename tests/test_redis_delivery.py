@@ -405,7 +405,7 @@ async def test_dead_consumers_are_forgotten(brokers: Brokers) -> None:
 
     async def tidied() -> bool:
         sub._next_tidy = sub._next_claim = 0.0
-        await sub.fetch(1)
+        await sub.fetch(1, 0)  # no wait: an idle fetch would wait in the shared read
         return b'gone' not in await names()
 
     await wait_until(tidied, what='the idle consumer forgotten')
