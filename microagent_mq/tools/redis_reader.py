@@ -30,6 +30,7 @@ REPLY_GRACE_S = 5.0  # a blocking read's reply later than its BLOCK by this: the
 # queues, each is checked less often (see ``sweep_every``).
 CLAIM_CHECKS_PER_S = 20.0
 FAIL_PAUSE_S = 0.5
+UNBLOCK_AFTER_S = 0.002  # a registration waits this long for the read to return on its own
 UNBLOCK_TRIES = 50  # an unblock that finds the read not blocking yet tries again, this often
 UNBLOCK_PAUSE_S = 0.002
 
@@ -112,8 +113,15 @@ class SharedReader:
             self._next_sweep = time.monotonic() + self.sweep_every()
             self._task = asyncio.create_task(self._run(), name='redis-shared-reader')
         self._changed.set()
-        if not self._read_done.is_set():  # a read under way does not cover it: restart it
-            await self._unblock()
+        if not self._read_done.is_set():
+            # A read under way does not cover it. Busy, the read returns soon on its own
+            # (then the next one covers it); otherwise interrupt it, so a message for this
+            # queue waits at most UNBLOCK_AFTER_S more.
+            try:
+                async with asyncio.timeout(UNBLOCK_AFTER_S):
+                    await self._read_done.wait()
+            except TimeoutError:
+                await self._unblock()
         return inbox
 
     async def unregister(self, owner: object) -> Inbox | None:
