@@ -6,7 +6,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install install-docs test lint bench docs docs-serve package example clean
 
-.PHONY: install test lint bench docs example clean chaos
+.PHONY: install test lint bench bench-queues docs example clean chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ chaos: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# Many queues, cheap idle (issue #18 item 5): Redis on a server of its own, and RabbitMQ.
+bench-queues: install
+	$(BIN)/python -m bench.many_queues
 
 # The site, into site/; --strict: a broken link, anchor or reference fails the build.
 docs: install-docs

@@ -361,7 +361,7 @@ async def _fetch_until(broker: RedisBroker, sub: RedisSubscription, count: int) 
     async with asyncio.timeout(10):
         while len(got) < count:
             await broker._move_some([sub._queue])
-            got += await sub.fetch(10)
+            got += await sub.fetch(10, 0.2)  # bounded: an idle fetch may wait 10 s
     return got
 
 

@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from ..transport import Delivery, Subscription, now_s
 from .redis_codec import MalformedEntry, due_ms, entry_fields, to_delivery
 from .redis_heartbeat import Heartbeat
-from .redis_reader import Inbox
+from .redis_reader import Inbox, SharedReader
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
@@ -60,6 +60,7 @@ class RedisSubscription(Subscription):
         # blocking a connection of its own; a pull session's own member reads on its own.
         self._shares = member is None
         self._inbox: Inbox | None = None
+        self._more = True  # the last read came back full: read again before waiting
         self._heartbeat = Heartbeat(self, visibility_s / 3, broker.log, queue)
 
     @property
@@ -91,7 +92,11 @@ class RedisSubscription(Subscription):
             self._ack_timer.cancel()
             self._ack_timer = None
         # With a shared reader, read without blocking: an empty queue waits there instead.
+        # The last read came back short: the queue was empty then, so wait there at once
+        # (the acks ride with the shared read: one round trip, as a blocking read of our own).
         reader = self._broker._shared_reader() if self._shares and wait_s != 0 else None
+        if reader is not None and not self._more and not self._stopping:
+            return await self._join(reader, acks, max_count, wait_s)
         try:
             reply = await self._read(acks, max_count, None if reader else _block_ms(wait_s))
         except BaseException as exc:
@@ -101,10 +106,19 @@ class RedisSubscription(Subscription):
             await self._group_gone(exc)
             return []
         if reply:
-            return await self._deliveries(reply[0][1])
+            entries = reply[0][1]
+            self._more = len(entries) >= max_count
+            return await self._deliveries(entries)
         if reader is None or self._stopping:
             return []
-        self._inbox = await reader.register(self, [self._stream], max_count, self._visibility_ms)
+        return await self._join(reader, [], max_count, wait_s)
+
+    async def _join(self, reader: 'SharedReader', acks: list[bytes], max_count: int,
+                    wait_s: float | None) -> list[Delivery]:
+        """Wait in the shared read, which carries ``acks`` along."""
+        self._more = True  # whatever it brings, the next fetch reads on its own first
+        self._inbox = await reader.register(self, [self._stream], max_count, self._visibility_ms,
+                                            (self._stream, acks))
         return await self._wait_shared(wait_s) or []
 
     async def _wait_shared(self, wait_s: float | None) -> list[Delivery] | None:
@@ -122,12 +136,15 @@ class RedisSubscription(Subscription):
             return []  # woken by stop_fetching: close() leaves the reader
         self._inbox = None  # the reader let it go: it read for it, or found claims, or failed
         if inbox.error is not None:
+            self._acks[:0] = inbox.unsent_acks()  # again with the next read: harmless twice
             await self._group_gone(inbox.error)
             return []
         if inbox.claim:
             self._next_claim = 0.0
             return None
-        return await self._deliveries(e for _, entries in inbox.entries for e in entries)
+        entries = [e for _, stream_entries in inbox.entries for e in stream_entries]
+        self._more = len(entries) >= inbox.count
+        return await self._deliveries(entries)
 
     async def _group_gone(self, exc: BaseException) -> None:
         """Create the group again if a read failed because it is gone; raise anything else."""
@@ -316,9 +333,12 @@ class RedisSubscription(Subscription):
         reader = self._broker._reader
         if reader is not None:
             # Once out of the shared read, what it read for us is pending here and never
-            # handed out: _release_orphans below gives it back.
+            # handed out: _release_orphans below gives it back. Acks it did not carry yet
+            # are flushed below.
             self._inbox = None
-            await reader.unregister(self)
+            left = await reader.unregister(self)
+            if left is not None:
+                self._acks[:0] = left.unsent_acks()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None

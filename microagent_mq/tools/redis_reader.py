@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 READ_BLOCK_MS = 2000  # an idle read returns this often (a stop never waits for it: unblocked)
 REPLY_GRACE_S = 5.0  # a blocking read's reply later than its BLOCK by this: the link is dead
 # Claim checks per second the idle subscriptions of one broker may cost together: with many
@@ -53,19 +55,30 @@ def _bulk(value: bytes) -> bytes:
     return b'$%d\r\n%s\r\n' % (len(value), value)
 
 
-XREADGROUP, GROUP, COUNT, BLOCK, STREAMS, NEW = (_bulk(word) for word in (
-    b'XREADGROUP', b'GROUP', b'COUNT', b'BLOCK', b'STREAMS', b'>'))
+XREADGROUP, GROUP, COUNT, BLOCK, STREAMS, NEW, XACK, XDEL = (
+    _bulk(word) for word in (b'XREADGROUP', b'GROUP', b'COUNT', b'BLOCK', b'STREAMS', b'>',
+                             b'XACK', b'XDEL'))
+
+
+def _ack_commands(acks: tuple[str, list[bytes]], group: bytes) -> bytes:
+    """XACK and XDEL of ``acks`` (stream, entry ids) in ``group`` (packed), packed."""
+    stream, ids = _bulk(acks[0].encode()), [_bulk(entry_id) for entry_id in acks[1]]
+    return b''.join([b'*%d\r\n' % (3 + len(ids)), XACK, stream, group, *ids,
+                     b'*%d\r\n' % (2 + len(ids)), XDEL, stream, *ids])
 
 
 class Inbox:
     """A registered subscription's place in the reader: its streams, and what came for it."""
 
-    __slots__ = ('claim', 'count', 'entries', 'error', 'min_idle_ms', 'ready', 'streams')
+    __slots__ = ('acks', 'claim', 'count', 'entries', 'error', 'min_idle_ms', 'ready', 'streams')
 
-    def __init__(self, streams: Sequence[str], count: int, min_idle_ms: int) -> None:
+    def __init__(self, streams: Sequence[str], count: int, min_idle_ms: int,
+                 acks: tuple[str, list[bytes]] | None = None) -> None:
         self.streams = list(streams)  # read in this order (priority levels: highest first)
         self.count = count
         self.min_idle_ms = min_idle_ms
+        # (stream, entry ids) to XACK + XDEL in the next read's pipeline; None once sent
+        self.acks = acks if acks and acks[1] else None
         self.entries: list[tuple[Any, Any]] = []  # (stream, entries) as XREADGROUP replies
         self.claim = False  # the sweep found messages to take over
         self.error: BaseException | None = None  # the shared read failed
@@ -73,6 +86,10 @@ class Inbox:
 
     def wake(self) -> None:
         self.ready.set()
+
+    def unsent_acks(self) -> list[bytes]:
+        """The acks no read has carried (or whose read failed: harmless to send again)."""
+        return self.acks[1] if self.acks else []
 
 
 class SharedReader:
@@ -106,9 +123,12 @@ class SharedReader:
         return len(self._inboxes)
 
     async def register(self, owner: object, streams: Sequence[str], count: int,
-                       min_idle_ms: int) -> Inbox:
-        """Wait for ``streams`` in the shared read; the inbox wakes when something came."""
-        inbox = self._inboxes[owner] = Inbox(streams, count, min_idle_ms)
+                       min_idle_ms: int, acks: tuple[str, list[bytes]] | None = None) -> Inbox:
+        """Wait for ``streams`` in the shared read; the inbox wakes when something came.
+
+        ``acks``: (stream, entry ids) to acknowledge and delete in the next read's pipeline.
+        """
+        inbox = self._inboxes[owner] = Inbox(streams, count, min_idle_ms, acks)
         if self._task is None or self._task.done():
             self._next_sweep = time.monotonic() + self.sweep_every()
             self._task = asyncio.create_task(self._run(), name='redis-shared-reader')
@@ -209,9 +229,24 @@ class SharedReader:
                 self._conn_id = int(await conn.read_response())
             block = max(int(min(READ_BLOCK_MS / 1000, self._next_sweep - time.monotonic())
                             * 1000), 1)
+            acks = [inbox.acks for inbox in inboxes if inbox.acks]
             async with asyncio.timeout(block / 1000 + REPLY_GRACE_S):
-                await conn.send_packed_command(self._command(inboxes, block), check_health=False)
-                return await conn.read_response()
+                await conn.send_packed_command(
+                    b''.join([*(_ack_commands(a, self._group_bulk) for a in acks),
+                              self._command(inboxes, block)]),
+                    check_health=False)
+                failure: Exception | None = None
+                for _ in range(2 * len(acks)):  # every reply is read, even after an error
+                    try:
+                        await conn.read_response()
+                    except ResponseError as exc:
+                        failure = failure or exc
+                reply = await conn.read_response()
+            if failure is not None:  # the read's entries stay pending here: close() releases
+                raise failure  # them (or a claim of ours, after the visibility timeout)
+            for inbox in inboxes:
+                inbox.acks = None  # carried
+            return reply
         except BaseException:
             self._conn_id = None  # a reply may be under way: start again on a new connection
             await asyncio.shield(conn.disconnect())
