@@ -175,3 +175,22 @@ async def test_an_idle_consumer_takes_over_a_dead_consumers_message(tmp_path: Pa
     finally:
         await broker.close()
         server.kill()
+
+
+@pytest.mark.redis
+async def test_the_pool_waits_for_a_free_connection_at_its_limit() -> None:
+    """Six commands that each hold a connection for a while, on a pool of two: they take
+    turns (redis-py's own pool raised MaxConnectionsError at its limit)."""
+    from .conftest import REDIS_DSN, require_server
+
+    require_server('redis')
+    broker = RedisBroker(REDIS_DSN, max_connections=2)
+    key = f'test:{unique("pool")}'
+    try:
+        replies = await asyncio.gather(*(broker.client.blpop([key], timeout=0.1)
+                                         for _ in range(6)))
+        assert replies == [None] * 6
+        pool: Any = broker.client.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 2
+    finally:
+        await broker.close()

@@ -37,6 +37,7 @@ from ..transport import DeadLetter, Outgoing, QueueStats, Subscription
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
 from .redis_delayed import DelayedMover
+from .redis_pool import WaitingPool
 from .redis_reader import SharedReader
 from .redis_scripts import Scripts
 
@@ -44,7 +45,6 @@ REQUEUE_BATCH = 100
 # A consumer's hold on a message it fetched, renewed on a heartbeat while it lives: a crashed
 # consumer's messages go to another after this long, however long handlers may take.
 DEFAULT_VISIBILITY_S = 10.0
-POOL_WAIT_S = 20.0  # a command waiting this long for a free pool connection fails
 ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -103,11 +103,11 @@ class RedisBroker(AbstractQueueBroker):
         if self._client is None:
             retry = RedisRetry(ExponentialWithJitterBackoff(cap=1.0, base=0.05),
                                self.send_retries)
-            # A blocking pool: past max_connections a command waits for a free connection
-            # instead of failing (consumers never hold one while idle: see redis_reader).
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.dsn, max_connections=self.max_connections, timeout=POOL_WAIT_S,
-                retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            # Past max_connections a command waits for a free connection instead of failing
+            # (consumers never hold one while idle: see redis_reader).
+            pool = WaitingPool.from_url(
+                self.dsn, max_connections=self.max_connections, retry=retry,
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
                 socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
             )
             self._client = aioredis.Redis.from_pool(pool)
