@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import ResponseError
+from .redis_packing import ack_commands, bulk, parse_read, read_command, read_replies
 
 READ_BLOCK_MS = 2000  # an idle read returns this often (a stop never waits for it: unblocked)
 REPLY_GRACE_S = 5.0  # a blocking read's reply later than its BLOCK by this: the link is dead
@@ -49,22 +49,6 @@ return out
 """
 
 PACKED_CACHE = 100_000  # stream keys kept packed (cleared past this: queues come and go)
-
-
-def _bulk(value: bytes) -> bytes:
-    return b'$%d\r\n%s\r\n' % (len(value), value)
-
-
-XREADGROUP, GROUP, COUNT, BLOCK, STREAMS, NEW, XACK, XDEL = (
-    _bulk(word) for word in (b'XREADGROUP', b'GROUP', b'COUNT', b'BLOCK', b'STREAMS', b'>',
-                             b'XACK', b'XDEL'))
-
-
-def _ack_commands(acks: tuple[str, list[bytes]], group: bytes) -> bytes:
-    """XACK and XDEL of ``acks`` (stream, entry ids) in ``group`` (packed), packed."""
-    stream, ids = _bulk(acks[0].encode()), [_bulk(entry_id) for entry_id in acks[1]]
-    return b''.join([b'*%d\r\n' % (3 + len(ids)), XACK, stream, group, *ids,
-                     b'*%d\r\n' % (2 + len(ids)), XDEL, stream, *ids])
 
 
 class Inbox:
@@ -104,7 +88,7 @@ class SharedReader:
         self._packed: dict[str, bytes] = {}  # a stream key as a RESP bulk string
         self._group = group
         self._name = name  # the consumer's name in every group (the broker's uid)
-        self._group_bulk, self._name_bulk = _bulk(group.encode()), _bulk(name.encode())
+        self._group_bulk, self._name_bulk = bulk(group.encode()), bulk(name.encode())
         self._log = log
         self._inboxes: dict[object, Inbox] = {}  # subscription -> its inbox, in arrival order
         self._reading: dict[object, Inbox] = {}  # the inboxes the read under way covers
@@ -232,18 +216,12 @@ class SharedReader:
             acks = [inbox.acks for inbox in inboxes if inbox.acks]
             async with asyncio.timeout(block / 1000 + REPLY_GRACE_S):
                 await conn.send_packed_command(
-                    b''.join([*(_ack_commands(a, self._group_bulk) for a in acks),
-                              self._command(inboxes, block)]),
+                    b''.join([*(ack_commands(self._pack(stream), ids, self._group_bulk)
+                                for stream, ids in acks), self._command(inboxes, block)]),
                     check_health=False)
-                failure: Exception | None = None
-                for _ in range(2 * len(acks)):  # every reply is read, even after an error
-                    try:
-                        await conn.read_response()
-                    except ResponseError as exc:
-                        failure = failure or exc
-                reply = await conn.read_response()
-            if failure is not None:  # the read's entries stay pending here: close() releases
-                raise failure  # them (or a claim of ours, after the visibility timeout)
+                # An ack's error raises after the read's reply: its entries stay pending
+                # here (close() releases them, or a claim of ours after the visibility).
+                reply = await read_replies(conn, len(acks))
             for inbox in inboxes:
                 inbox.acks = None  # carried
             return reply
@@ -252,23 +230,20 @@ class SharedReader:
             await asyncio.shield(conn.disconnect())
             raise
 
+    def _pack(self, stream: str) -> bytes:
+        packed = self._packed.get(stream)
+        if packed is None:
+            if len(self._packed) > PACKED_CACHE:
+                self._packed.clear()
+            packed = self._packed[stream] = bulk(stream.encode())
+        return packed
+
     def _command(self, inboxes: list[Inbox], block: int) -> bytes:
         """The XREADGROUP, packed here: redis-py would encode every stream key of every read
         again (most of the cost of a read of hundreds of streams)."""
-        packed = self._packed
-        streams = []
-        for inbox in inboxes:
-            for stream in inbox.streams:
-                bulk = packed.get(stream)
-                if bulk is None:
-                    if len(packed) > PACKED_CACHE:
-                        packed.clear()
-                    bulk = packed[stream] = _bulk(stream.encode())
-                streams.append(bulk)
-        head = [XREADGROUP, GROUP, self._group_bulk, self._name_bulk, COUNT,
-                _bulk(b'%d' % min(i.count for i in inboxes)), BLOCK, _bulk(b'%d' % block), STREAMS]
-        return b''.join([b'*%d\r\n' % (len(head) + 2 * len(streams)), *head, *streams,
-                         NEW * len(streams)])
+        streams = [self._pack(stream) for inbox in inboxes for stream in inbox.streams]
+        return read_command(self._group_bulk, self._name_bulk, min(i.count for i in inboxes),
+                            block, streams)
 
     def _route(self, reading: dict[object, Inbox], reply: Any) -> None:
         """Hand each stream's entries to its inbox; those subscriptions leave the reader."""
@@ -276,11 +251,8 @@ class SharedReader:
             return
         by_stream = {stream: (owner, inbox) for owner, inbox in reading.items()
                      for stream in inbox.streams}
-        # A map under RESP3 (redis-py's default from 8), pairs under RESP2.
-        for stream, flat_entries in (reply.items() if isinstance(reply, dict) else reply):
+        for stream, entries in parse_read(reply):
             owner, inbox = by_stream[stream.decode()]
-            entries = [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None)
-                       for entry_id, flat in flat_entries]  # as redis-py's xreadgroup gives them
             inbox.entries.append((stream, entries))
             if self._inboxes.get(owner) is inbox:
                 del self._inboxes[owner]
