@@ -6,7 +6,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install install-docs test lint bench docs docs-serve package example clean
 
-.PHONY: install test lint bench bench-peers bench-backlog docs example clean chaos
+.PHONY: install test lint bench bench-peers bench-backlog bench-queues docs example clean chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-peers: install
 # A consumer's peak RSS while it drains 1,000,000 queued messages, Redis and RabbitMQ (~15 min).
 bench-backlog: install
 	$(BIN)/python -m bench.backlog
+
+# Many queues, cheap idle (issue #18 item 5): Redis on a server of its own, and RabbitMQ.
+bench-queues: install
+	$(BIN)/python -m bench.many_queues
 
 # The site, into site/; --strict: a broken link, anchor or reference fails the build.
 docs: install-docs

@@ -26,8 +26,7 @@ async def main(n: int) -> None:
                                delay=0.001)
     await asyncio.sleep(0.05)  # every one of them is due now
     started = time.perf_counter()
-    broker._delayed_watch.add(queue)
-    broker._mover = asyncio.create_task(broker._move_delayed())
+    broker._delayed.watch(queue)
     await wait_until(lambda: _none_delayed(broker, queue), timeout_s=600, interval_s=0.005)
     elapsed = time.perf_counter() - started
     moved = await broker.client.xlen(broker.stream_key(queue))

@@ -130,7 +130,8 @@ class Subscription(ABC):
         """Up to ``max_count`` messages; may return none after waiting a while.
 
         ``wait_s``: wait at most this long for a first message when none is ready (0: do
-        not wait); None: the transport's own idle wake-up (under about a second). The pull
+        not wait); None: the transport's own idle wake-up (up to ten seconds: the engine
+        needs none, ``stop_fetching`` wakes a waiting fetch at once). The pull
         layer needs the bound: a fetch cancelled mid-way could strand what it read.
         """
 

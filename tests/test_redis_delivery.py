@@ -361,7 +361,7 @@ async def _fetch_until(broker: RedisBroker, sub: RedisSubscription, count: int) 
     async with asyncio.timeout(10):
         while len(got) < count:
             await broker._move_some([sub._queue])
-            got += await sub.fetch(10)
+            got += await sub.fetch(10, 0.2)  # bounded: an idle fetch may wait 10 s
     return got
 
 
@@ -372,17 +372,16 @@ async def test_mover_moves_a_large_backlog_at_once(brokers: Brokers) -> None:
     await broker.send_many(queue, [{'n': n} for n in range(3000)], delay=0.001)
     await wait_until(lambda: _length_is(broker, queue, 3000), what='all due')
     left_after_burst: list[int] = []
-    move_some = broker._move_some
+    move = broker._delayed.move
 
     async def recording(queues: list[str]) -> list[str]:
-        more = await move_some(queues)
+        more = await move(queues)
         if not more:  # the end of a burst: the mover waits for the next poll now
             left_after_burst.append(await broker.client.zcard(broker.delayed_key(queue)))
         return more
 
-    broker._move_some = recording  # type: ignore[method-assign]
-    broker._delayed_watch.add(queue)
-    broker._mover = asyncio.create_task(broker._move_delayed())
+    broker._delayed.move = recording  # type: ignore[method-assign]
+    broker._delayed.watch(queue)
     await wait_until(lambda: bool(left_after_burst), what='a burst of moves')
     assert left_after_burst[0] == 0
     assert await broker.client.xlen(broker.stream_key(queue)) == 3000
@@ -406,7 +405,7 @@ async def test_dead_consumers_are_forgotten(brokers: Brokers) -> None:
 
     async def tidied() -> bool:
         sub._next_tidy = sub._next_claim = 0.0
-        await sub.fetch(1)
+        await sub.fetch(1, 0)  # no wait: an idle fetch would wait in the shared read
         return b'gone' not in await names()
 
     await wait_until(tidied, what='the idle consumer forgotten')

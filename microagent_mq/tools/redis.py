@@ -48,16 +48,16 @@ from .redis_cluster import (
 )
 from .redis_codec import due_ms, encoded_headers, entry_fields, ts_ms
 from .redis_consumer import GROUP, RELEASED_IDLE_MS, RedisSubscription
+from .redis_delayed import MOVE_BATCH, DelayedMover
 from .redis_layout import featured_name, layout_named, layout_of
 from .redis_level_consumer import LevelSubscription
 from .redis_level_scripts import LevelScripts
+from .redis_pool import WaitingPool
+from .redis_reader import SharedReader
 from .redis_retained import retained
 from .redis_scripts import Scripts
 
-DELAYED_POLL_S = 0.05
-MOVE_BATCH = 1000  # delayed messages moved per queue per command; again at once while more
 REQUEUE_BATCH = 100
-TRIM_EVERY_S = 1.0  # how often a consuming broker trims the retaining queues it consumes
 # A consumer's hold on a message it fetched, renewed on a heartbeat while it lives: a crashed
 # consumer's messages go to another after this long, however long handlers may take.
 DEFAULT_VISIBILITY_S = 10.0
@@ -70,6 +70,8 @@ class RedisBroker(AbstractQueueBroker):
     and ``redis+cluster://host:port[,host:port...]`` (or ``cluster=True``) for a Redis Cluster.
 
     ``prefix``: prepended to every key, so applications can share a database.
+    ``max_connections``: the connection pool's size; one more connection reads for every
+    idle consumer at once (``redis_reader``), so a process uses at most this plus one.
     ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
     ``BrokerUnavailable`` (redis-py's own retry with exponential backoff and jitter; every
     write is idempotent, so a retry after a lost reply stores nothing twice).
@@ -84,6 +86,7 @@ class RedisBroker(AbstractQueueBroker):
     connect_timeout: float = 2.0
     send_retries: int = 6
     cluster: bool = False  # implied by a redis+cluster:// DSN
+    max_connections: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,14 +101,12 @@ class RedisBroker(AbstractQueueBroker):
         else:
             check_redis_db(self._parts, self.dsn)
         self._client: aioredis.Redis | None = None
-        self._delayed_watch: set[str] = set()
-        self._mover: asyncio.Task[None] | None = None
-        self._mover_stop = asyncio.Event()
+        self._reader: SharedReader | None = None
+        self._delayed = DelayedMover(self)
         # Marks of publishes done (see _sent_mark): this sender's own, counted.
         self._sender = os.urandom(6).hex()
         self._publishes = itertools.count()
         self._mark_block, self._mark_key = -1, ''
-        self._next_trim = 0.0
         self._sends = ScriptBatcher(lambda: self.client)
 
     # keys -------------------------------------------------------------------------------
@@ -139,11 +140,15 @@ class RedisBroker(AbstractQueueBroker):
             if self.cluster:
                 # Typed as Redis: the commands used here have the same signatures on both.
                 # Connections per node unbounded, as on a single Redis (RedisCluster's default
-                # is 100): each consuming queue holds one in a blocking read.
+                # is 100): consumers read on their own there (no shared reader, see _shared_reader).
                 self._client = cast(aioredis.Redis, cluster_client(
                     self.dsn, self._parts, max_connections=2**31, **options))
             else:
-                self._client = aioredis.Redis.from_url(self.dsn, **options)
+                # Past max_connections a command waits for a free connection instead of
+                # failing (consumers never hold one while idle: see redis_reader).
+                pool = WaitingPool.from_url(self.dsn, max_connections=self.max_connections,
+                                            **options)
+                self._client = aioredis.Redis.from_pool(pool)
             self._scripts = Scripts(self._client)
             self._level_scripts = LevelScripts(self._client)
         return self._client
@@ -165,6 +170,15 @@ class RedisBroker(AbstractQueueBroker):
         self.client  # noqa: B018 - connects on first use
         return self._scripts
 
+    def _shared_reader(self) -> SharedReader | None:
+        """The one blocking read idle consumers share (None: each reads on its own, as in
+        cluster mode, where a read of many streams would cross slots)."""
+        if self.cluster:
+            return None
+        if self._reader is None:
+            self._reader = SharedReader(self.client, GROUP, self.uid, self.log)
+        return self._reader
+
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
         """Turn 'Redis is unreachable' (after redis-py's retries) into ``BrokerUnavailable``."""
@@ -183,12 +197,10 @@ class RedisBroker(AbstractQueueBroker):
         return BrokerUnavailable(f'{server} at {mask_dsn(self.dsn)} is unreachable: {exc}')
 
     async def _disconnect(self) -> None:
-        if self._mover is not None:
-            # A flag, not cancel(): redis-py may swallow a cancellation mid-command.
-            self._mover_stop.set()
-            await asyncio.gather(self._mover, return_exceptions=True)
-            self._mover = None
-        self._delayed_watch.clear()
+        await self._delayed.stop()
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
         await self._sends.close()  # sends already made finish on this client
         if self._client is not None:
             client, self._client = self._client, None
@@ -225,6 +237,10 @@ class RedisBroker(AbstractQueueBroker):
                 await self._eval(scripts.publish, *keys, *args, keys=len(keys))
             else:  # a queue with priorities, retention or a bound: checked, by level
                 await self._publish_checked(batch)
+            for delayed in batch:  # the mover polls these queues from now on
+                if delayed.delay:
+                    for queue in delayed.queues:
+                        self._delayed.poke(queue)
         except (*ERRORS, *CLUSTER_ERRORS) as exc:  # as guard(), without a context manager
             raise self._unavailable(exc) from exc
 
@@ -326,35 +342,8 @@ class RedisBroker(AbstractQueueBroker):
                         else LevelSubscription(self, layout, float(visibility), member))
         async with self.guard():
             await subscription.create_group()
-        self._delayed_watch.add(queue)
-        if self._mover is None or self._mover.done():
-            self._mover_stop = asyncio.Event()
-            self._mover = asyncio.create_task(self._move_delayed(), name='redis-delayed-mover')
+        self._delayed.watch(queue)
         return subscription
-
-    async def _move_delayed(self) -> None:
-        """Move due delayed messages into their streams, atomically (a Lua script)."""
-        failing = False
-        while not self._mover_stop.is_set():
-            try:
-                queues = list(self._delayed_watch)
-                while queues and not self._mover_stop.is_set():
-                    queues = await self._move_some(queues)  # again at once while more are due
-                if time.monotonic() >= self._next_trim:
-                    self._next_trim = time.monotonic() + TRIM_EVERY_S
-                    await self._trim()
-                if failing:
-                    self.log.warning('Moving delayed messages works again')
-                    failing = False
-            except Exception as exc:
-                if not failing:
-                    self.log.warning('Moving delayed messages failed: %r; will retry', exc)
-                    failing = True
-            try:
-                async with asyncio.timeout(1.0 if failing else DELAYED_POLL_S):
-                    await self._mover_stop.wait()
-            except TimeoutError:
-                pass
 
     async def _move_due(self, queue: str, now_ms: int) -> Any:
         """One queue's move, as a call of its own (on a cluster: in the queue's slot)."""
@@ -366,24 +355,19 @@ class RedisBroker(AbstractQueueBroker):
         return await self._eval(self._lua.move_due, self.delayed_key(queue), self.stream_key(queue),
                                 now_ms, MOVE_BATCH)
 
+    async def _pipe_move_due(self, pipe: Any, queue: str, now_ms: int) -> None:
+        """One queue's move, into ``pipe`` (a single Redis's pipeline)."""
+        layout = layout_named(self, queue)
+        if layout is not None and len(layout.streams) > 1:  # into each one's level
+            await self._levels.move_due_levels(keys=[layout.delayed, layout.clock, *layout.streams],
+                                               args=[now_ms, MOVE_BATCH], client=pipe)
+            return
+        await self._lua.move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
+                                 args=[now_ms, MOVE_BATCH], client=pipe)
+
     async def _move_some(self, queues: list[str]) -> list[str]:
         """Move up to MOVE_BATCH due messages of each queue; the queues that may have more."""
-        now_ms = int(time.time() * 1000)
-        if self.cluster:  # queues in different slots: a script call each, side by side
-            moved = await asyncio.gather(*(self._move_due(queue, now_ms) for queue in queues))
-            return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                layout = layout_named(self, queue)
-                if layout is not None and len(layout.streams) > 1:  # into each one's level
-                    await self._levels.move_due_levels(keys=[layout.delayed, layout.clock,
-                                                             *layout.streams],
-                                                       args=[now_ms, MOVE_BATCH], client=pipe)
-                    continue
-                await self._lua.move_due(keys=[self.delayed_key(queue), self.stream_key(queue)],
-                                     args=[now_ms, MOVE_BATCH], client=pipe)
-            moved = await pipe.execute()
-        return [queue for queue, count in zip(queues, moved, strict=True) if count >= MOVE_BATCH]
+        return await self._delayed.move(queues)
 
     async def _trim(self) -> None:
         """Trim the retaining queues consumed here past their retention (see TRIM).
@@ -391,7 +375,7 @@ class RedisBroker(AbstractQueueBroker):
         Here, not on the send path: sends stay as cheap, and trimming removes handled
         entries only, which exist where consumers run, so where this mover runs.
         """
-        layouts = [layout for queue in list(self._delayed_watch)
+        layouts = [layout for queue in list(self._delayed.watched)
                    if (layout := layout_named(self, queue)) is not None and layout.retaining]
         if not layouts:
             return

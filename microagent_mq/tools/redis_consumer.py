@@ -16,13 +16,17 @@ from redis.exceptions import ResponseError
 from ..transport import Delivery, Subscription, now_s
 from .redis_codec import MalformedEntry, due_ms, entry_fields, to_delivery
 from .redis_heartbeat import Heartbeat
+from .redis_packing import ack_commands, bulk, parse_read, read_command, read_replies
+from .redis_reader import Inbox, SharedReader
 
 if TYPE_CHECKING:
     from .redis import RedisBroker
     from .redis_scripts import Scripts
 
 GROUP = 'microagent_mq'
+GROUP_BULK = bulk(GROUP.encode())
 BLOCK_MS = 250  # an idle XREADGROUP returns this often, so a stop never waits long for it
+IDLE_WAKE_S = 10.0  # a fetch waiting in the shared read returns empty this often (no command)
 ACK_BACKLOG = 1000  # past this many unflushed acks, acking waits for the flush
 ACK_DELAY_S = 0.002  # acks no fetch has carried by then are flushed on their own
 RELEASED_IDLE_MS = 10**10  # a released message looks abandoned for ages: claimed at once
@@ -42,7 +46,9 @@ class RedisSubscription(Subscription):
         self._broker = broker
         self._queue = queue
         self._stream = broker.stream_key(queue)
+        self._packed_stream = bulk(self._stream.encode())
         self._name = member or broker.uid  # the consumer's name in the group
+        self._packed_name = bulk(self._name.encode())
         self._visibility_ms = int(visibility_s * 1000)
         self._claim_every = min(visibility_s / 4, 10.0)
         self._next_claim = 0.0  # claim first: messages released or abandoned earlier
@@ -54,6 +60,11 @@ class RedisSubscription(Subscription):
         self._held: set[Any] = set()  # fetched, not yet settled or released: renewed
         self._unsettled: set[Any] = set()  # a handler ran, settling failed: not released
         self._stopping = False
+        # Idle, this consumer waits in the broker's shared read (redis_reader) instead of
+        # blocking a connection of its own; a pull session's own member reads on its own.
+        self._shares = member is None
+        self._inbox: Inbox | None = None
+        self._more = True  # the last read came back full: read again before waiting
         self._heartbeat = Heartbeat(self, visibility_s / 3, broker.log, queue)
 
     @property
@@ -72,6 +83,10 @@ class RedisSubscription(Subscription):
         if self._stopping:
             return []
         self._heartbeat.start()
+        if self._inbox is not None:  # idle: waiting in the shared read
+            waited = await self._wait_shared(wait_s)
+            if waited is not None:
+                return waited
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self._claim_every
             if claimed := await self._claim(max_count):
@@ -80,21 +95,72 @@ class RedisSubscription(Subscription):
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
+        # With a shared reader, read without blocking: an empty queue waits there instead.
+        # The last read came back short: the queue was empty then, so wait there at once
+        # (the acks ride with the shared read: one round trip, as a blocking read of our own).
+        reader = self._broker._shared_reader() if self._shares and wait_s != 0 else None
+        if reader is not None and not self._more and not self._stopping:
+            return await self._join(reader, acks, max_count, wait_s)
         try:
-            reply = await self._read(acks, max_count, _block_ms(wait_s))
+            reply = await self._read(acks, max_count, None if reader else _block_ms(wait_s))
         except BaseException as exc:
             # Acking twice is harmless; not acking would redeliver. A read whose reply is
             # lost leaves entries pending here: close() releases them.
             self._acks[:0] = acks
-            if not isinstance(exc, ResponseError) or 'NOGROUP' not in str(exc):
-                raise
-            self._acks.clear()  # the group and its pending entries are gone
-            self._held.clear()
-            self._broker.log.warning('Consumer group of %s is gone (Redis restarted?); '
-                                     'creating it again', self._queue)
-            await self.create_group()
+            await self._group_gone(exc)
             return []
-        return await self._replied(reply, max_count)
+        if reader is None:  # reads on its own: a level queue, a pull session's member, a cluster
+            return await self._replied(reply, max_count)
+        if reply:
+            entries = reply[0][1]
+            self._more = len(entries) >= max_count
+            return await self._deliveries(entries)
+        if self._stopping:
+            return []
+        return await self._join(reader, [], max_count, wait_s)
+
+    async def _join(self, reader: 'SharedReader', acks: list[bytes], max_count: int,
+                    wait_s: float | None) -> list[Delivery]:
+        """Wait in the shared read, which carries ``acks`` along."""
+        self._more = True  # whatever it brings, the next fetch reads on its own first
+        self._inbox = await reader.register(self, [self._stream], max_count, self._visibility_ms,
+                                            (self._stream, acks))
+        return await self._wait_shared(wait_s) or []
+
+    async def _wait_shared(self, wait_s: float | None) -> list[Delivery] | None:
+        """Wait in the shared read: its entries; [] if none came in time (still waiting);
+        None if the sweep found messages to claim (claim them now)."""
+        inbox = self._inbox
+        assert inbox is not None
+        if not inbox.ready.is_set():
+            try:
+                async with asyncio.timeout(IDLE_WAKE_S if wait_s is None else wait_s):
+                    await inbox.ready.wait()
+            except TimeoutError:
+                return []
+        if self._stopping and not inbox.entries:
+            return []  # woken by stop_fetching: close() leaves the reader
+        self._inbox = None  # the reader let it go: it read for it, or found claims, or failed
+        if inbox.error is not None:
+            self._acks[:0] = inbox.unsent_acks()  # again with the next read: harmless twice
+            await self._group_gone(inbox.error)
+            return []
+        if inbox.claim:
+            self._next_claim = 0.0
+            return None
+        entries = [e for _, stream_entries in inbox.entries for e in stream_entries]
+        self._more = len(entries) >= inbox.count
+        return await self._deliveries(entries)
+
+    async def _group_gone(self, exc: BaseException) -> None:
+        """Create the group again if a read failed because it is gone; raise anything else."""
+        if not isinstance(exc, ResponseError) or 'NOGROUP' not in str(exc):
+            raise exc
+        self._acks.clear()  # the group and its pending entries are gone
+        self._held.clear()
+        self._broker.log.warning('Consumer group of %s is gone (Redis restarted?); '
+                                 'creating it again', self._queue)
+        await self.create_group()
 
     async def _replied(self, reply: Any, max_count: int) -> list[Delivery]:
         """The deliveries of a read's reply (here one stream: the queue's)."""
@@ -105,13 +171,30 @@ class RedisSubscription(Subscription):
         if not acks:
             return await client.xreadgroup(GROUP, self._name, {self._stream: '>'},
                                            count=max_count, block=block)
-        # The acks of the last batch ride along with the next read: one round trip for both.
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.xack(self._stream, GROUP, *acks)
-            pipe.xdel(self._stream, *acks)
-            pipe.xreadgroup(GROUP, self._name, {self._stream: '>'}, count=max_count,
-                            block=block)
-            return (await pipe.execute())[-1]
+        # The acks of the last batch ride along with the next read: one round trip for both,
+        # packed here (redis-py would encode every id again: most of a drain's client CPU).
+        if self._broker.cluster:  # a cluster client has a pool per node: redis-py's pipeline
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xack(self._stream, GROUP, *acks)
+                pipe.xdel(self._stream, *acks)
+                pipe.xreadgroup(GROUP, self._name, {self._stream: '>'}, count=max_count,
+                                block=block)
+                return (await pipe.execute())[-1]
+        stream, pool = self._packed_stream, client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(
+                ack_commands(stream, acks, GROUP_BULK)
+                + read_command(GROUP_BULK, self._packed_name, max_count, block, [stream]),
+                check_health=False)
+            return parse_read(await read_replies(conn, 1))
+        except ResponseError:
+            raise  # every reply was read: the connection is in step
+        except BaseException:
+            await asyncio.shield(conn.disconnect())  # a reply may be under way: not reused
+            raise
+        finally:
+            await pool.release(conn)
 
     async def _deliveries(self, entries: Iterable[tuple[bytes, Any]],
                           priors: dict[bytes, int] | None = None) -> list[Delivery]:
@@ -121,6 +204,7 @@ class RedisSubscription(Subscription):
         """
         out = []
         held = self._held
+        self._heartbeat.holding()
         for entry_id, fields in entries:
             if not fields:  # deleted from the stream meanwhile
                 continue
@@ -221,6 +305,7 @@ class RedisSubscription(Subscription):
                               delivery.sent_at, delivery.headers)
         await self._settle(delivery, self._broker.delayed_key(self._queue),
                            due_ms(max(delay, 0.001)), fields)
+        self._broker._delayed.poke(self._queue)  # polled by the mover from now on
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         fields = entry_fields(delivery.body, delivery.message_id, 1, delivery.sent_at,
@@ -263,12 +348,24 @@ class RedisSubscription(Subscription):
                                     args=[GROUP, self._name, RELEASED_IDLE_MS, *handles])
 
     async def stop_fetching(self) -> None:
-        # A read under way returns within BLOCK_MS with what it read; no new read starts.
+        # A read under way returns within BLOCK_MS with what it read; no new read starts;
+        # a wait in the shared read returns now.
         self._stopping = True
+        if self._inbox is not None:
+            self._inbox.wake()
 
     async def close(self) -> None:
         self._stopping = True
         await self._heartbeat.stop()
+        reader = self._broker._reader
+        if reader is not None:
+            # Once out of the shared read, what it read for us is pending here and never
+            # handed out: _release_orphans below gives it back. Acks it did not carry yet
+            # are flushed below.
+            self._inbox = None
+            left = await reader.unregister(self)
+            if left is not None:
+                self._acks[:0] = left.unsent_acks()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None

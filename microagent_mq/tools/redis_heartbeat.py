@@ -27,6 +27,11 @@ class Heartbeat:
         self._name = name
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._holding = asyncio.Event()  # set by held(): an idle holder costs no wake-ups
+
+    def holding(self) -> None:
+        """The holder took messages: beat (again) from now on."""
+        self._holding.set()
 
     def start(self) -> None:
         """Start beating (once; later calls do nothing)."""
@@ -36,12 +41,18 @@ class Heartbeat:
     async def stop(self) -> None:
         """Stop beating; waits for a renewal under way."""
         self._stop.set()
+        self._holding.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         failing = False
         while True:
+            if not self._holder.held():  # nothing to renew: sleep until there is
+                self._holding.clear()
+                await self._holding.wait()
+                if self._stop.is_set():
+                    return
             try:
                 async with asyncio.timeout(self._every_s):
                     await self._stop.wait()

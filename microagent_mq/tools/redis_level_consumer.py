@@ -34,6 +34,9 @@ class LevelSubscription(RedisSubscription):
     def __init__(self, broker: 'RedisBroker', layout: Layout, visibility_s: float,
                  member: str | None = None) -> None:
         super().__init__(broker, layout.name, visibility_s, member)
+        # Reads through its own script (FETCH_LEVELS), blocking on its levels when idle: not in
+        # the broker's shared read (a multi-stream read counts per stream, not per queue).
+        self._shares = False
         self._layout = layout
         self._streams = layout.streams
         self._highest = list(layout.highest_first)
