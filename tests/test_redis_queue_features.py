@@ -259,3 +259,38 @@ async def test_sigkill_with_priorities_and_retention_loses_nothing(
         assert [entry.data['n'] for entry in await broker.history(queue.name)] == [1, 2, 3]
     finally:
         workers.kill_all()
+
+
+@pytest.mark.parametrize('options', [{'max_priority': 2}, {'retention': 3600}])
+async def test_a_level_consumer_renews_what_it_holds(broker: RedisBroker,
+                                                     options: dict[str, Any]) -> None:
+    """Messages waiting in a level consumer's buffer past the visibility stay its own.
+
+    The heartbeat sleeps while a consumer holds nothing; a level queue's fetch must wake it,
+    or another consumer takes the buffered messages over as abandoned (with max_attempts=1:
+    dead-lettered, never handled).
+    """
+    other = RedisBroker(REDIS_DSN, prefix=broker.prefix)
+    queue, counts = Queue(unique(), **options), Calls()
+
+    class Agent(MicroAgent):
+        @consumer(queue, concurrency=1, prefetch=10, visibility_timeout=2, timeout=1,
+                  max_attempts=1)
+        async def handle(self, n: int) -> None:
+            counts.add({'n': n})
+            await asyncio.sleep(0.8)  # 6 messages: the last waits ~4 s in the buffer
+
+    await broker.send_many(queue.name, [{'n': n} for n in range(6)])
+    first = Agent(broker=broker)
+    await first.start()
+    await counts.wait_for(1)
+    second = Agent(broker=other)  # would take over what the first one stopped renewing
+    await second.start()
+    try:
+        await wait_until(lambda: len(counts) >= 6, what='6 handlings')
+        await asyncio.sleep(0.5)
+        assert sorted(item['n'] for item in counts.items) == list(range(6))
+        assert await broker.dead_letters(queue.name) == []
+    finally:
+        await second.stop()
+        await other.close()

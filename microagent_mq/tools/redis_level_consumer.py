@@ -97,6 +97,7 @@ class LevelSubscription(RedisSubscription):
     async def _level_deliveries(self, level: int, entries: Iterable[tuple[bytes, Any]],
                                 priors: dict[bytes, int] | None = None) -> list[Delivery]:
         out = []
+        self._heartbeat.holding()  # renew what is held from now on (it sleeps while none is)
         for entry_id, fields in entries:
             if not fields:  # deleted from the stream meanwhile
                 continue
