@@ -215,5 +215,8 @@ async def test_a_retry_into_a_full_queue_is_not_lost(broker: AbstractQueueBroker
     # nats-server 2.9.10 now and then leaves a message nak'ed with a delay undelivered until
     # its ack wait (the visibility) ends: late, not lost. Hence the longer wait.
     await wait_until(lambda: len(order) == 3, timeout_s=60, what='3 handlings')
-    assert sorted(order) == [(1, 1), (1, 2), (2, 1)]
+    # Each handled, 1 twice: the retry was not lost to the full queue. (When nats-server is
+    # late as above, its redelivery after the ack wait counts as one more attempt.)
+    assert sorted(n for n, _ in order) == [1, 1, 2]
+    assert (1, 1) in order and (2, 1) in order
     assert await broker.dead_letters(queue.name) == []
