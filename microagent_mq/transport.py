@@ -73,10 +73,7 @@ class Retained:
     @property
     def data(self) -> Any:
         """The body parsed as JSON, or the raw text when it is not JSON."""
-        try:
-            return orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            return self.body.decode(errors='replace')
+        return parsed_body(self.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +95,7 @@ class DeadLetter:
     @property
     def data(self) -> Any:
         """The body parsed as JSON, or the raw text when it is not JSON."""
-        try:
-            return orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            return self.body.decode(errors='replace')
+        return parsed_body(self.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +161,14 @@ class Subscription(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stop consuming."""
+
+
+def parsed_body(body: bytes) -> Any:
+    """A message body parsed as JSON, or its raw text when it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode(errors='replace')
 
 
 def now_s() -> float:

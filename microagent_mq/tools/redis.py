@@ -26,7 +26,7 @@ try:
     from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, ResponseError
+    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("RedisBroker needs redis: pip install 'microagent-mq[redis]'") from exc
@@ -257,10 +257,8 @@ class RedisBroker(AbstractQueueBroker):
         (``redis_batcher``). A cluster's client routes each call to its slot's node itself."""
         if not self.cluster:
             return await self._sends.call(script, keys, *keys_and_args)
-        try:
-            return await self.client.evalsha(script.sha, keys, *keys_and_args)
-        except NoScriptError:  # Redis restarted, or another node: EVAL runs and caches it
-            return await self.client.eval(script.script, keys, *keys_and_args)
+        # the Script's own EVALSHA, with EVAL on a node that does not know it yet
+        return await script(keys=keys_and_args[:keys], args=keys_and_args[keys:])
 
     def _sent_mark(self, queue: str) -> tuple[str, int]:
         """A new mark that a publish ran: one bit per publish, a bitmap per 65,536 of them.
