@@ -35,15 +35,16 @@ async def broker() -> AsyncIterator[RedisBroker]:
 
 @pytest.fixture
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of every pipeline the batchers send."""
+    """The size of every pipeline (a round trip of more than one call) the batchers send."""
     sizes: list[int] = []
-    real = redis_batcher.ScriptBatcher._pipeline
+    real = redis_batcher.ScriptBatcher._exchange
 
-    async def spy(self: redis_batcher.ScriptBatcher, batch: list[Any]) -> list[Any]:
-        sizes.append(len(batch))
-        return await real(self, batch)
+    async def spy(self: redis_batcher.ScriptBatcher, commands: list[Any]) -> list[Any]:
+        if len(commands) > 1:
+            sizes.append(len(commands))
+        return await real(self, commands)
 
-    monkeypatch.setattr(redis_batcher.ScriptBatcher, '_pipeline', spy)
+    monkeypatch.setattr(redis_batcher.ScriptBatcher, '_exchange', spy)
     return sizes
 
 

@@ -52,7 +52,7 @@ from .redis_delayed import MOVE_BATCH, DelayedMover
 from .redis_layout import featured_name, layout_named, layout_of
 from .redis_level_consumer import LevelSubscription
 from .redis_level_scripts import LevelScripts
-from .redis_pool import WaitingPool
+from .redis_pool import COMMAND_TIMEOUT_S, WaitingPool
 from .redis_reader import SharedReader
 from .redis_retained import retained
 from .redis_scripts import Scripts
@@ -75,6 +75,10 @@ class RedisBroker(AbstractQueueBroker):
     ``connect_timeout`` / ``send_retries``: how long a send may try before it raises
     ``BrokerUnavailable`` (redis-py's own retry with exponential backoff and jitter; every
     write is idempotent, so a retry after a lost reply stores nothing twice).
+    ``command_timeout``: how long one command may wait for its reply before its connection
+    is taken as dead and the command is sent again on a new one (``redis_pool``; a
+    ``socket_timeout`` in the DSN's query applies as well). A cluster's client keeps
+    redis-py's own ``socket_timeout`` instead.
 
     A consumer's ``visibility_timeout`` is, on Redis, how long the messages of a consumer
     that stopped renewing them (it died, or its event loop was blocked) stay hidden before
@@ -87,6 +91,7 @@ class RedisBroker(AbstractQueueBroker):
     send_retries: int = 6
     cluster: bool = False  # implied by a redis+cluster:// DSN
     max_connections: int = 8
+    command_timeout: float = COMMAND_TIMEOUT_S
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,8 +151,10 @@ class RedisBroker(AbstractQueueBroker):
             else:
                 # Past max_connections a command waits for a free connection instead of
                 # failing (consumers never hold one while idle: see redis_reader).
+                # No socket_timeout: a timer per command; the pool guards them all with one.
                 pool = WaitingPool.from_url(self.dsn, max_connections=self.max_connections,
-                                            **options)
+                                            command_timeout=self.command_timeout,
+                                            socket_timeout=None, **options)
                 self._client = aioredis.Redis.from_pool(pool)
             self._scripts = Scripts(self._client)
             self._level_scripts = LevelScripts(self._client)

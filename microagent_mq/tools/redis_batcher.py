@@ -66,10 +66,12 @@ class ScriptBatcher:
             self._flusher = asyncio.create_task(self._flush(), name='redis-send-batcher')
 
     async def _run_one(self, script: Any, keys: int, keys_and_args: tuple[Any, ...]) -> Any:
-        try:
-            return await self._client().evalsha(script.sha, keys, *keys_and_args)
-        except NoScriptError:  # Redis restarted, or another server: EVAL runs and caches it
-            return await self._client().eval(script.script, keys, *keys_and_args)
+        reply = (await self._exchange([('EVALSHA', script.sha, keys, *keys_and_args)]))[0]
+        if isinstance(reply, NoScriptError):  # Redis restarted, or another server: EVAL caches it
+            reply = (await self._exchange([('EVAL', script.script, keys, *keys_and_args)]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def _flush(self) -> None:
         try:
@@ -99,7 +101,8 @@ class ScriptBatcher:
                 script, keys, keys_and_args, _ = batch[0]
                 replies: list[Any] = [await self._run_one(script, keys, keys_and_args)]
             else:
-                replies = await self._pipeline(batch)
+                replies = await self._exchange([('EVALSHA', script.sha, keys, *keys_and_args)
+                                                for script, keys, keys_and_args, _ in batch])
         except Exception as exc:  # the round trip failed (after redis-py's retries): every call
             for *_, future in batch:
                 _settle(future, exc=exc)
@@ -121,20 +124,20 @@ class ScriptBatcher:
                 _settle(future, reply)
 
 
-    async def _pipeline(self, batch: list[Pending]) -> list[Any]:
-        """Every call in one write, then every reply: redis-py's pipeline, minus its general
-        machinery (per-command parsing of the arguments, Python packing) that costs each
-        call more here than the round trip it shares. Retried as redis-py retries a pipeline:
-        the scripts are idempotent, so one that ran before a lost reply changes nothing."""
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Every command in one write, then every reply (an error reply is returned, not
+        raised): redis-py's pipeline, or its ``execute_command`` for one, minus its general
+        machinery (per-command parsing of the arguments, packing in Python), which costs a
+        call more than the round trip. Retried as redis-py retries a command: the scripts are
+        idempotent, so one that ran before a lost reply changes nothing the second time."""
         pool = self._client().connection_pool
         connection = await pool.get_connection()
         try:
-            packed = _pack([('EVALSHA', script.sha, keys, *keys_and_args)
-                            for script, keys, keys_and_args, _ in batch], connection)
+            packed = _pack(commands, connection)
 
             async def exchange() -> list[Any]:
-                await connection.send_packed_command(packed)
-                return [await _reply(connection) for _ in batch]
+                await connection.send_packed_command(packed, check_health=False)
+                return [await _reply(connection) for _ in commands]
 
             return list(await connection.retry.call_with_retry(
                 exchange, lambda error: connection.disconnect()))

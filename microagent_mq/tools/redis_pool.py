@@ -1,12 +1,23 @@
-"""A connection pool that waits at its limit: a process never holds more than ``max_connections``.
+"""The broker's connection pool: it waits at its limit, and it closes a connection whose
+reply is overdue, with one timer for the whole pool instead of one per command.
 
 redis-py's own ``ConnectionPool`` raises ``MaxConnectionsError`` at its limit, and its
 ``BlockingConnectionPool`` waits but costs every command a condition and a queue (about
 15-40 µs of CPU a command, measured on the send path). This one takes the plain pool's path
 while a connection is free and waits for a release only when none is.
+
+A dead link must not hang a command. redis-py guards each command with ``socket_timeout``
+(5 s by default since redis-py 8, none before): an ``asyncio.wait_for`` per write (a task
+per command on Python 3.11) and an ``asyncio.timeout`` per reply, about a fifth of the CPU
+of a message sent and handled end to end. The broker turns that off and guards here
+instead: a connection checked out for longer than ``command_timeout`` (no command of the
+broker holds one that long: its blocking reads block 250 ms at most) has its transport
+aborted, so the command waiting on it fails with ``ConnectionError`` and redis-py's retry
+sends it again on a new connection (every write of the broker is idempotent).
 """
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -14,25 +25,40 @@ from redis.asyncio import ConnectionPool
 from redis.exceptions import MaxConnectionsError
 
 WAIT_S = 20.0  # a command waiting this long for a free connection fails (MaxConnectionsError)
+COMMAND_TIMEOUT_S = 10.0  # a connection held this long by one command is taken as dead
+WATCH_EVERY_S = 1.0  # how often the checked-out connections are looked at (only while some are)
+
+log = logging.getLogger('microagent_mq.redis')
 
 
 class WaitingPool(ConnectionPool):
-    """``ConnectionPool`` whose ``get_connection`` waits for a free connection at the limit."""
+    """``ConnectionPool`` whose ``get_connection`` waits for a free connection at the limit,
+    and which aborts a connection held past ``command_timeout`` (see the module's doc)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, command_timeout: float = COMMAND_TIMEOUT_S,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._freed = asyncio.Event()  # set at every release: waiters try again
+        self.command_timeout = command_timeout
+        self._since: dict[Any, float] = {}  # checked-out connection -> when (or when aborted)
+        self._watch: asyncio.TimerHandle | None = None
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         # redis-py calls it without arguments (those are deprecated): none are passed on.
         deadline = time.monotonic() + WAIT_S
         while True:
             try:
-                return await super().get_connection()  # type: ignore[no-untyped-call]
+                connection = await super().get_connection()  # type: ignore[no-untyped-call]
             except MaxConnectionsError:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
+            else:
+                self._since[connection] = time.monotonic()
+                if self._watch is None:
+                    self._watch = asyncio.get_running_loop().call_later(
+                        WATCH_EVERY_S, self._check)
+                return connection
             self._freed.clear()  # no await since the failed attempt: no release missed
             try:
                 async with asyncio.timeout(left):
@@ -41,5 +67,29 @@ class WaitingPool(ConnectionPool):
                 pass  # one last try above, then it raises
 
     async def release(self, connection: Any) -> None:
+        self._since.pop(connection, None)
         await super().release(connection)
         self._freed.set()
+
+    def _check(self) -> None:
+        """Abort the connections held past ``command_timeout``; look again while any is out."""
+        self._watch = None
+        now = time.monotonic()
+        for connection, since in list(self._since.items()):
+            if now - since <= self.command_timeout:
+                continue
+            self._since[connection] = now  # the command's retry gets a timeout of its own
+            writer = getattr(connection, '_writer', None)  # None: not connected (connecting)
+            if writer is not None:
+                log.warning('A Redis command had no reply within %.1fs: aborting its '
+                            'connection (the command is sent again on a new one)',
+                            self.command_timeout)
+                writer.transport.abort()
+        if self._since:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_EVERY_S, self._check)
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        await super().disconnect(inuse_connections)

@@ -208,13 +208,15 @@ class SharedReader:
     async def _read(self, inboxes: list[Inbox]) -> Any:
         conn = self._conn
         try:
-            if self._conn_id is None:
-                await conn.send_command('CLIENT', 'ID')
-                self._conn_id = int(await conn.read_response())
             block = max(int(min(READ_BLOCK_MS / 1000, self._next_sweep - time.monotonic())
                             * 1000), 1)
             acks = [inbox.acks for inbox in inboxes if inbox.acks]
+            # The only guard of this connection against a dead link (it is not the pool's,
+            # and has no socket_timeout: see redis_pool).
             async with asyncio.timeout(block / 1000 + REPLY_GRACE_S):
+                if self._conn_id is None:
+                    await conn.send_command('CLIENT', 'ID')
+                    self._conn_id = int(await conn.read_response())
                 await conn.send_packed_command(
                     b''.join([*(ack_commands(self._pack(stream), ids, self._group_bulk)
                                 for stream, ids in acks), self._command(inboxes, block)]),
