@@ -22,7 +22,7 @@ from .exceptions import ConfigurationError, QueueException, QueueNotFound, Seria
 from .idempotency import Idempotency
 from .messages import check_headers, is_message_class, publication_of, publications
 from .middleware.base import Middleware, before_send
-from .queue import Queue, decode, encode
+from .queue import MAX_PRIORITY, Queue, decode, encode
 from .routing import is_valid_topic
 from .transport import DeadLetter, Outgoing, QueueStats, Retained, Subscription
 
@@ -134,7 +134,7 @@ class AbstractQueueBroker(ABC):
 
     async def send_stored(self, name: str, body: bytes, *, exchange: bool = False, topic: str = '',
                           delay: float = 0.0, headers: dict[str, Any] | None = None,
-                          message_id: str | None = None) -> None:
+                          message_id: str | None = None, priority: int = 0) -> None:
         """Send a message encoded and checked earlier (an outbox row), exactly as it was then.
 
         ``name`` is a queue, or an exchange when ``exchange``; ``headers`` may carry the library's
@@ -142,7 +142,8 @@ class AbstractQueueBroker(ABC):
         this process has not declared is taken as the stored message names it.
         """
         options = {key: value for key, value in
-                   (('topic', topic), ('delay', delay), ('message_id', message_id)) if value}
+                   (('topic', topic), ('delay', delay), ('message_id', message_id),
+                    ('priority', priority)) if value}
         try:
             outgoing = self._outgoing(name, body, options)
         except QueueNotFound:
@@ -471,8 +472,14 @@ class AbstractQueueBroker(ABC):
         self.log.debug('No queue of exchange %s is declared here', exchange)
         delay = _checked_delay(options.get('delay') or 0.0)
         message_id = options.get('message_id') or f'{self._id_prefix}{next(self._ids):x}'
+        priority = options.get('priority')
+        if priority is not None:  # no queue here to check it against: its range only
+            priority = _checked_priority(exchange, priority, ())
+            if priority > MAX_PRIORITY:
+                raise ConfigurationError(f'invalid priority {priority}: 0 to {MAX_PRIORITY} '
+                                         f'expected')
         return Outgoing(body, message_id, (), exchange, options.get('topic', ''), float(delay),
-                        sent_at=time.time())
+                        sent_at=time.time(), priority=priority or 0)
 
     def _encode(self, name: str, message: Message) -> bytes:
         queue = Queue.get(name)

@@ -61,9 +61,10 @@ class Message:
             headers[TOPIC_HEADER] = cls.__mq_routing__.topic
         cls.__mq_headers__ = headers
 
-    async def publish(self, delay: float | None = None, headers: dict[str, Any] | None = None) -> None:
+    async def publish(self, delay: float | None = None, headers: dict[str, Any] | None = None,
+                      priority: int | None = None) -> None:
         """Publish this message on the default broker (see ``set_default_broker``)."""
-        await get_default_broker().publish(self, delay=delay, headers=headers)
+        await get_default_broker().publish(self, delay=delay, headers=headers, priority=priority)
 
 
 def _routing(name: str, queue: str | None, exchange: str | None, topic: str | None) -> Routing:
@@ -173,12 +174,13 @@ class MessageInfo:
 
 
 async def publish(message: Message, delay: float | None = None,
-                  headers: dict[str, Any] | None = None) -> None:
+                  headers: dict[str, Any] | None = None, priority: int | None = None) -> None:
     """Publish ``message`` on the default broker."""
-    await get_default_broker().publish(message, delay=delay, headers=headers)
+    await get_default_broker().publish(message, delay=delay, headers=headers, priority=priority)
 
 
 async def publish_many(messages: Iterable[Message], delay: float | None = None,
-                       headers: dict[str, Any] | None = None) -> None:
+                       headers: dict[str, Any] | None = None, priority: int | None = None) -> None:
     """Publish several messages on the default broker, in one go."""
-    await get_default_broker().publish_many(messages, delay=delay, headers=headers)
+    await get_default_broker().publish_many(messages, delay=delay, headers=headers,
+                                            priority=priority)

@@ -149,12 +149,14 @@ class Outbox:
         # so the relay sends exactly this (broker.send_stored).
         if data is not None:
             raise ConfigurationError('outbox.add(message): a Message carries its own data; drop data=')
-        if unknown := send_options.keys() - {'delay', 'headers', 'message_id'}:
+        if unknown := send_options.keys() - {'delay', 'headers', 'message_id', 'priority'}:
             raise ConfigurationError(f'outbox.add(message): unknown options {sorted(unknown)}')
         message_id = send_options.get('message_id') or uuid.uuid4().hex
-        outgoing = _CHECKER._typed_outgoing(message, send_options.get('delay'), send_options.get('headers'))
+        outgoing = _CHECKER._typed_outgoing(message, send_options.get('delay'),
+                                            send_options.get('headers'), send_options.get('priority'))
         stored = {'stored': True, 'exchange': bool(outgoing.exchange), 'topic': outgoing.topic,
-                  'delay': outgoing.delay, 'headers': outgoing.headers}
+                  'delay': outgoing.delay, 'headers': outgoing.headers,
+                  'priority': outgoing.priority}
         return {
             'message_id': message_id,
             'queue': outgoing.exchange or outgoing.queues[0],
