@@ -294,3 +294,35 @@ async def test_a_level_consumer_renews_what_it_holds(broker: RedisBroker,
     finally:
         await second.stop()
         await other.close()
+
+
+@pytest.mark.parametrize('options', [{'max_priority': 2}, {'retention': 60}, {}])
+async def test_a_retry_tells_the_mover_of_its_queue(broker: RedisBroker, options: dict[str, Any],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry's delayed message is polled for from the next poll on, on every kind of queue
+    (without the poke, only the mover's discovery finds it: up to DISCOVER_S late)."""
+    queue, calls = Queue(unique(), **options), Calls()
+    poked: list[str] = []
+    real = type(broker._delayed).poke
+
+    def poke(mover: Any, name: str) -> None:
+        poked.append(name)
+        real(mover, name)
+
+    monkeypatch.setattr(type(broker._delayed), 'poke', poke)
+
+    class Agent(MicroAgent):
+        @consumer(queue, max_attempts=2, retry_delay=0.01)
+        async def handle(self, n: int) -> None:
+            calls.add({'n': n})
+            if len(calls.items) == 1:
+                raise RuntimeError('once')
+
+    agent = Agent(broker=broker)
+    await agent.start()
+    try:
+        await broker.send(queue.name, {'n': 1})
+        await calls.wait_for(2)
+        assert poked.count(queue.name) == 1
+    finally:
+        await agent.stop(grace=1)

@@ -195,6 +195,7 @@ class LevelSubscription(RedisSubscription):
         fields = entry_fields(delivery.body, delivery.message_id, delivery.attempt + 1,
                               delivery.sent_at, delivery.headers) + _priority(delivery)
         await self._settle(delivery, self._layout.delayed, due_ms(max(delay, 0.001)), fields)
+        self._broker._delayed.poke(self._queue)  # polled from now on, not found by discovery
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         fields = entry_fields(delivery.body, delivery.message_id, 1, delivery.sent_at,
