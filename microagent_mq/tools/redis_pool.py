@@ -42,6 +42,7 @@ class WaitingPool(ConnectionPool):
         self.command_timeout = command_timeout
         self._since: dict[Any, float] = {}  # checked-out connection -> when (or when aborted)
         self._watch: asyncio.TimerHandle | None = None
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         # redis-py calls it without arguments (those are deprecated): none are passed on.
@@ -55,9 +56,9 @@ class WaitingPool(ConnectionPool):
                     raise
             else:
                 self._since[connection] = time.monotonic()
-                if self._watch is None:
-                    self._watch = asyncio.get_running_loop().call_later(
-                        WATCH_EVERY_S, self._check)
+                loop = asyncio.get_running_loop()
+                if self._watch is None or self._watch_loop is not loop:  # (a loop ended: re-armed)
+                    self._watch, self._watch_loop = loop.call_later(WATCH_EVERY_S, self._check), loop
                 return connection
             self._freed.clear()  # no await since the failed attempt: no release missed
             try:
