@@ -21,10 +21,10 @@ async def client() -> AsyncIterator[Any]:
     await connection.close()
 
 
-async def _stores(client: Any, timeout: float = 5.0) -> Any:
+async def _stores(client: Any, ack_timeout_s: float = 5.0) -> Any:
     from microagent_mq.tools.nats_publish import Stores
 
-    stores = Stores(client, timeout)
+    stores = Stores(client, ack_timeout_s)
     await stores.start()
     return stores
 
@@ -77,7 +77,7 @@ async def test_a_store_nobody_acknowledges_times_out(client: Any) -> None:
 
     subject = f'{unique("np")}.silent'
     await client.subscribe(subject)  # someone listens, nobody answers: no 503 either
-    stores = await _stores(client, timeout=0.2)
+    stores = await _stores(client, ack_timeout_s=0.2)
     with pytest.raises(nats.errors.TimeoutError):
         await asyncio.wait_for(stores.store(subject, b'{}', {}), 5)
     assert stores._waiting == {}
