@@ -1,16 +1,19 @@
-"""What one NATS end-to-end message costs: ``python -m bench.profile_nats SYSTEM N [--profile]``.
+"""What one NATS end-to-end message costs: ``python -m bench.profile_nats SYSTEM N [--profile|--trace]``.
 
 Runs the ``end_to_end`` scenario (N sequential awaited sends, the consumer in the same
 process) on ``nats`` or ``nats-raw`` and counts, per message: protocol commands written by
 kind (a JetStream publish, a pull request, an ack, ...), socket writes, messages received by
 kind, and CPU µs. With ``--profile``, the top of a cProfile by total time too. Counting is
-done by wrapping nats-py's client, the same wrapper for both systems.
+done by wrapping nats-py's client, the same wrapper for both systems. With ``--trace``
+(instead of the counts): every socket read and write timed, the medians of the two halves of
+a send's cycle (``print_critical_path``) and 40 consecutive reads and writes.
 """
 
 import asyncio
 import cProfile
 import pstats
 import resource
+import statistics
 import sys
 import time
 from collections import Counter
@@ -107,9 +110,12 @@ async def main(name: str, n: int, profile: bool, trace: bool = False) -> None:
         profiler.disable()
         print(f'{name}: {n / (finished - start):,.0f} msg/s, {cpu_us:.0f} µs CPU/msg '
               f'(user {user_us:.0f}, system {sys_us:.0f})')
-        for title, counts in (('written', written), ('received', received), ('socket', writes)):
+        counted = (('socket', writes),) if trace else (
+            ('written', written), ('received', received), ('socket', writes))
+        for title, counts in counted:
             print(f'  {title}: ' + ', '.join(f'{k} {v / n:.2f}' for k, v in sorted(counts.items())))
         if trace:
+            print_critical_path(log)
             t0 = log[len(log) // 2][0]
             for t, way, data in log[len(log) // 2:len(log) // 2 + 40]:
                 print(f'{(t - t0) * 1e6:8.0f} µs {way} {summary(data)}')
@@ -137,6 +143,29 @@ def trace_wire(log: list[tuple[float, str, bytes]]) -> None:
 
     transport.write = traced_write  # type: ignore[method-assign]
     streams.StreamReaderProtocol.data_received = traced_received  # type: ignore[method-assign]
+
+
+def print_critical_path(log: list[tuple[float, str, bytes]]) -> None:
+    """Split each send's cycle: from reading its store ack to writing the next send (this
+    process's work on the critical path, the consumer's included when it runs first), and
+    from that write to reading its ack (the server, the network and wake-ups)."""
+    ours: list[float] = []
+    server: list[float] = []
+    acked = written = None
+    for t, way, data in log:
+        if way == 'R' and b'"seq"' in data:  # a store ack (JSON with the stream sequence)
+            if written is not None:
+                server.append(t - written)
+                written = None
+            acked = t
+        elif way == 'W' and b'HPUB' in data:  # a send (with headers; acks and pulls have none)
+            if acked is not None:
+                ours.append(t - acked)
+                acked = None
+            written = t
+    print(f'  critical path, medians: store ack read -> next send written '
+          f'{statistics.median(ours) * 1e6:.0f} µs; send written -> its ack read '
+          f'{statistics.median(server) * 1e6:.0f} µs')
 
 
 def summary(data: bytes) -> str:
