@@ -41,6 +41,7 @@ from .nats_consumer import NATSSubscription
 from .nats_delayed import DelayedMover
 from .nats_dlq import dead_letters, requeue_dead_letters
 from .nats_options import PlannedSend, QueuePlan, plan_of
+from .nats_publish import Stores
 from .nats_retained import retained
 
 ERRORS = (nats.errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
@@ -49,6 +50,7 @@ DUPLICATE_WINDOW_S = 120.0  # a send retried within this is stored once (Nats-Ms
 FREE_MAX_AGE_S = 30 * 24 * 3600.0  # free-delivery records of messages never settled expire
 # nats-py's publish_async futures have no timeout: acks lost with a connection never come.
 BATCH_ACK_TIMEOUT_S = 5.0
+STORE_ACK_TIMEOUT_S = 5.0  # one send's ack, as nats-py's js.publish waits by default
 
 
 @dataclass(repr=False, eq=False)
@@ -73,6 +75,7 @@ class NATSBroker(AbstractQueueBroker):
         self.names = Names(self.prefix)
         self._client: NATSClient | None = None
         self._js: JetStreamContext | None = None
+        self._stores: Stores | None = None
         self._connecting = asyncio.Lock()
         self._streams: set[str] = set()
         self._plans: dict[str, QueuePlan | None] = {}  # queue options (nats_options), per queue
@@ -99,10 +102,22 @@ class NATSBroker(AbstractQueueBroker):
                 except ERRORS as exc:
                     raise BrokerUnavailable(f'NATS at {mask_dsn(self.dsn)} is unreachable: {exc!r}') from exc
                 client.options['max_reconnect_attempts'] = -1
-                self._client = client
+                stores = Stores(client, STORE_ACK_TIMEOUT_S)
+                try:
+                    await stores.start()
+                except ERRORS as exc:
+                    await client.close()
+                    raise BrokerUnavailable(f'NATS at {mask_dsn(self.dsn)} failed: {exc!r}') from exc
+                self._client, self._stores = client, stores
                 self._js = self._client.jetstream()
                 self._streams.clear()
             return self._js
+
+    @property
+    def stores(self) -> Stores:
+        """Single stores awaited until acknowledged; only valid after ``jetstream()`` was awaited."""
+        assert self._stores is not None, 'not connected'
+        return self._stores
 
     @property
     def client(self) -> NATSClient:
@@ -126,7 +141,7 @@ class NATSBroker(AbstractQueueBroker):
         client = self._client
         self._streams.clear()
         if client is not None and not client.is_closed:
-            self._client = self._js = None
+            self._client = self._js = self._stores = None
             await client.close()
 
     # declarations -------------------------------------------------------------------------
@@ -239,7 +254,7 @@ class NATSBroker(AbstractQueueBroker):
                     await self.ensure_queue(queue)
                     subject, copy = self.names.subject(queue), headers
                 if single:
-                    await js.publish(subject, message.body, headers=copy)
+                    await self.stores.store(subject, message.body, copy)
                     return
                 acks.append(await js.publish_async(subject, message.body, headers=copy))
         if acks:  # every store acknowledged together: one wait for the batch, bounded
@@ -266,8 +281,8 @@ class NATSBroker(AbstractQueueBroker):
         if plan is not None and plan.max_length:
             await self.bound(plan).store(self.names.subject(queue), body, headers)
         else:
-            js = await self.jetstream()
-            await js.publish(self.names.subject(queue), body, headers=headers)
+            await self.jetstream()
+            await self.stores.store(self.names.subject(queue), body, headers)
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         queue = consumer.queue.name

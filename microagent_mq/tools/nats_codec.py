@@ -26,6 +26,7 @@ from typing import Any
 CONSUMER = 'microagent_mq'
 MOVER = 'mover'
 PREFIX_RE = re.compile(r'^[A-Za-z0-9_]+$')
+V1_ACK_TOKENS = 9  # an ack subject without domain and account hash (delivery_of)
 
 MSG_ID = 'Nats-Msg-Id'
 ID = 'Mq-Id'
@@ -134,6 +135,19 @@ def copy_headers(headers: dict[str, str] | None, dedupe_id: str, message_id: str
     table[MSG_ID] = dedupe_id
     table[ID] = message_id
     return table
+
+
+def delivery_of(reply: str) -> tuple[int, int]:
+    """(times delivered, stream sequence) of a stream message, from its ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``,
+    or with ``<domain>.<account hash>.`` after ``$JS.ACK.`` and a token more at the end: what
+    nats-py's ``Msg.metadata`` reads too, without its dataclasses and datetime per message.
+    """
+    tokens = reply.split('.')
+    if len(tokens) == V1_ACK_TOKENS:
+        return int(tokens[4]), int(tokens[5])
+    return int(tokens[6]), int(tokens[7])
 
 
 def int_header(headers: dict[str, str] | None, name: str, default: int) -> int:

@@ -27,7 +27,17 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NATSSub
 
 from ..transport import Delivery, Subscription, now_s
-from .nats_codec import ATTEMPTS, CONSUMER, ERROR, FAILED_AT, SYNTHETIC, copy_headers, id_of, sent_at_of
+from .nats_codec import (
+    ATTEMPTS,
+    CONSUMER,
+    ERROR,
+    FAILED_AT,
+    SYNTHETIC,
+    copy_headers,
+    delivery_of,
+    id_of,
+    sent_at_of,
+)
 from .nats_codec import user_headers_of as user_headers
 
 if TYPE_CHECKING:
@@ -66,6 +76,7 @@ class NATSSubscription(Subscription):
         self._changed = asyncio.Event()
         self._stopped = False
         self._sub: NATSSub | None = None
+        self._watchdog: asyncio.TimerHandle | None = None  # ends a request never answered
 
     async def start(self) -> None:
         """Listen on this subscription's inbox: pulled messages and pull statuses land here."""
@@ -89,6 +100,10 @@ class NATSSubscription(Subscription):
     async def _pull(self, batch: int) -> None:
         self._request += 1
         self._open = batch
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = asyncio.get_running_loop().call_later(
+            IDLE_WAKE_S, self._unanswered, self._request)
         request = {'batch': batch, 'expires': int(PULL_EXPIRES_S * 1e9)}
         await self._broker.client.publish(self._next, json.dumps(request).encode(),
                                           reply=f'{self._inbox}.{self._request}')
@@ -109,21 +124,30 @@ class NATSSubscription(Subscription):
             self._ready.extendleft(reversed(msgs))  # still this consumer's: kept for later
             raise
 
+    def _unanswered(self, request: int) -> None:
+        """Pull request ``request`` never ended: a reconnect dropped it, or there is no
+        consumer to answer (a pull to a missing consumer gets no reply at all). Pull anew,
+        declaring first. One timer per request, not one per wait: most waits are short."""
+        if request == self._request and self._open:
+            self._open = 0
+            self._lost = True
+            self._changed.set()
+
     async def _wait(self, done: Any, wait_s: float | None = None) -> None:
-        limit = IDLE_WAKE_S if wait_s is None else min(wait_s, IDLE_WAKE_S)
+        """Until ``done()``; every wait for an open request ends with it (``_unanswered``
+        ends a request the server never did), so only the caller's own bound needs a timer."""
+        if wait_s is None:
+            while not done():
+                self._changed.clear()
+                await self._changed.wait()
+            return
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(wait_s):
                 while not done():
                     self._changed.clear()
                     await self._changed.wait()
-        except TimeoutError:
-            if limit < IDLE_WAKE_S:  # the caller's bound (a pull's wait): the request lives on
-                return
-            # No end came: a reconnect dropped the request, or there is no consumer to answer
-            # (a pull to a missing consumer gets no reply at all). Pull anew, declaring first.
-            if self._open:
-                self._open = 0
-                self._lost = True
+        except TimeoutError:  # the caller's bound (a pull's wait): the request lives on
+            return
 
     async def _declare_again(self) -> None:
         self._broker.forget_stream(self._stream)
@@ -131,18 +155,17 @@ class NATSSubscription(Subscription):
         self._lost = False
 
     async def _deliveries(self, msgs: list[Msg]) -> list[Delivery]:
-        metas = [msg.metadata for msg in msgs]
+        counts = [delivery_of(msg.reply) for msg in msgs]
         free: dict[str, int] = {}
-        if any(meta.num_delivered > 1 for meta in metas):
+        if any(delivered > 1 for delivered, _ in counts):
             free = await self._free_counts()
         deliveries = []
-        for msg, meta in zip(msgs, metas, strict=True):
-            seq = meta.sequence.stream
-            spared = free.get(self._names.free_subject(self._queue, seq), 0)
+        for msg, (delivered, seq) in zip(msgs, counts, strict=True):
+            spared = free.get(self._names.free_subject(self._queue, seq), 0) if free else 0
             headers = msg.headers
             message_id, synthetic = id_of(headers, f'{self._stream}-{seq}')
             deliveries.append(Delivery(
-                msg.data, message_id, max(meta.num_delivered - spared, 1), Handle(msg, seq, spared),
+                msg.data, message_id, max(delivered - spared, 1), Handle(msg, seq, spared),
                 user_headers(headers), sent_at_of(headers), synthetic))
         return deliveries
 
@@ -207,12 +230,12 @@ class NATSSubscription(Subscription):
     async def _give_back(self, msgs: list[Msg]) -> None:
         if not msgs:
             return
-        msgs.sort(key=lambda m: m.metadata.sequence.stream)  # the queue's own order
+        msgs.sort(key=lambda m: delivery_of(m.reply)[1])  # the queue's own order
         broker = self._broker
         try:
             await broker.ensure_free(self._queue)
             js = await broker.jetstream()
-            acks = [await js.publish_async(self._names.free_subject(self._queue, m.metadata.sequence.stream))
+            acks = [await js.publish_async(self._names.free_subject(self._queue, delivery_of(m.reply)[1]))
                     for m in msgs]
             await asyncio.gather(*acks)
         except Exception as exc:
@@ -225,6 +248,8 @@ class NATSSubscription(Subscription):
         self._stopped = True
         # A pull request still open may bring more: wait for its end, then give all back.
         await self._wait(lambda: not self._open)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         leftovers, self._ready = list(self._ready), deque()
         try:
             await self._give_back(leftovers)
