@@ -16,6 +16,7 @@ from microagent_mq import BrokerUnavailable, MicroAgent, Queue, Reject, consumer
 from microagent_mq.tools.amqp import AMQPBroker
 from microagent_mq.tools.amqp_codec import failed_at_of, outgoing_message
 from microagent_mq.tools.amqp_errors import is_transient
+from microagent_mq.tools.amqp_publisher import Publisher
 
 from .conftest import AMQP_DSN, Calls, free_port, unique, wait_until
 
@@ -47,23 +48,25 @@ async def dlq_length(raw: AbstractRobustConnection, name: str) -> int:
 
 
 class FailOnce:
-    """Wraps aiormq's ``Channel.basic_publish`` (every publish, ours or through aio-pika's
-    ``Exchange.publish``): the publish of one chosen body raises ``error`` once."""
+    """Wraps every publish (``Publisher.publish``: a send's; aiormq's ``Channel.basic_publish``:
+    through aio-pika's ``Exchange.publish``): the publish of one chosen body raises ``error``
+    once."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, body: bytes | None,
                  error: BaseException) -> None:
         self.calls, self.body, self.error, self.failed = 0, body, error, False
-        self._publish = aiormq.Channel.basic_publish
-        monkeypatch.setattr(aiormq.Channel, 'basic_publish', self._wrapped())
+        monkeypatch.setattr(aiormq.Channel, 'basic_publish',
+                            self._wrapped(aiormq.Channel.basic_publish))
+        monkeypatch.setattr(Publisher, 'publish', self._wrapped(Publisher.publish))
 
-    def _wrapped(self) -> Any:
-        async def publish(channel: aiormq.Channel, body: bytes, **kwargs: Any) -> Any:
+    def _wrapped(self, publish: Any) -> Any:
+        async def wrapped(channel: Any, body: bytes, *args: Any, **kwargs: Any) -> Any:
             self.calls += 1
             if not self.failed and self.body in (None, body):
                 self.failed = True
                 raise self.error
-            return await self._publish(channel, body, **kwargs)
-        return publish
+            return await publish(channel, body, *args, **kwargs)
+        return wrapped
 
 
 # issue 8, item 12 -------------------------------------------------------------------------
