@@ -19,6 +19,8 @@ FRAME_END = b'\xce'
 _FRAME = struct.Struct('>BHI')  # frame type, channel, payload size
 _CONTENT_HEADER = struct.Struct('>HHQ')  # class (Basic), weight (0), body size
 _LONG = struct.Struct('>I')
+_SIGNED_BYTE = struct.Struct('>b')
+_LONG_LONG = struct.Struct('>q')
 _HEADER_FRAME = 2
 _BODY_FRAME = 3
 
@@ -28,6 +30,9 @@ _HEADERS = 1 << 13
 _DELIVERY_MODE = 1 << 12
 _PRIORITY = 1 << 11
 _MESSAGE_ID = 1 << 7
+_WITHOUT_PRIORITY = struct.pack('>H', _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE | _MESSAGE_ID)
+_WITH_PRIORITY = struct.pack('>H', _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE | _MESSAGE_ID | _PRIORITY)
+_SHORT_STRINGS = {'application/json': b'\x10application/json'}  # the content type of sends
 
 
 def method_frame(channel: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
@@ -41,13 +46,12 @@ def method_frame(channel: int, exchange: str, routing_key: str, mandatory: bool)
 def properties(content_type: str, headers: dict[str, Any], delivery_mode: int, priority: int,
                message_id: str) -> bytes:
     """Encoded ``Basic.Properties`` (flags, then values) of a send; ``priority`` 0: none."""
-    flags = _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE | _MESSAGE_ID
-    parts = [_short_string(content_type), _table(headers), bytes((delivery_mode,))]
+    kind = _SHORT_STRINGS.get(content_type) or _short_string(content_type)
+    mode = bytes((delivery_mode,))
     if priority:
-        flags |= _PRIORITY
-        parts.append(bytes((priority,)))
-    parts.append(_short_string(message_id))
-    return struct.pack('>H', flags) + b''.join(parts)
+        return b''.join((_WITH_PRIORITY, kind, _table(headers), mode, bytes((priority,)),
+                         _short_string(message_id)))
+    return b''.join((_WITHOUT_PRIORITY, kind, _table(headers), mode, _short_string(message_id)))
 
 
 def content_frames(channel: int, properties: bytes, body: bytes, max_content: int) -> bytes:
@@ -74,18 +78,31 @@ def _short_string(value: str) -> bytes:
 
 def _table(table: dict[str, Any]) -> bytes:
     """A field table as pamqp writes it (keys sorted; an int in its smallest type)."""
-    parts = []
+    parts: list[bytes] = []
     for key, value in sorted(table.items()):
-        name = key.encode()
+        name = _NAMES.get(key)
+        if name is None:
+            encoded = key.encode()
+            if len(encoded) > 128:  # pamqp cuts it (with a warning)
+                return encode.field_table(table)
+            name = bytes((len(encoded),)) + encoded
+            if len(_NAMES) < NAMES_KEPT:
+                _NAMES[key] = name
         kind = type(value)
-        if len(name) > 128:  # pamqp cuts it (with a warning)
-            return encode.field_table(table)
-        if kind is int and -(1 << 63) <= value < (1 << 63):
-            parts.append(bytes((len(name),)) + name + encode.table_integer(value))
-        elif kind is str:
+        if kind is str:
             data = value.encode()
-            parts.append(bytes((len(name),)) + name + b'S' + _LONG.pack(len(data)) + data)
+            parts += (name, b'S', _LONG.pack(len(data)), data)
+        elif kind is int and -128 <= value <= 127:
+            parts += (name, b'b', _SIGNED_BYTE.pack(value))
+        elif kind is int and 4294967295 < value <= 9223372036854775807:  # epoch ms
+            parts += (name, b'l', _LONG_LONG.pack(value))
+        elif kind is int and -(1 << 63) <= value < (1 << 63):
+            parts += (name, encode.table_integer(value))
         else:
             return encode.field_table(table)
     data = b''.join(parts)
     return _LONG.pack(len(data)) + data
+
+
+NAMES_KEPT = 256  # header names kept encoded (ours are a handful)
+_NAMES: dict[str, bytes] = {}
