@@ -105,29 +105,47 @@ class Publisher:
         self._scheduled = False
         if self._writer is not None:  # it takes these too
             return
-        channel = self.channel
-        if self._lock.locked() or channel.write_queue.full():
+        channel = self._channel()
+        if channel is None or self._lock.locked() or channel.write_queue.full():
             self._writer = self.loop.create_task(self._write_under_lock())
             return
         batch = self._take()
         if batch:
-            channel.write_queue.put_nowait(self._tagged(batch))
+            channel.write_queue.put_nowait(self._tagged(channel, batch))
 
     async def _write_under_lock(self) -> None:
+        """Write what waits, taking each batch's tags under the channel's lock."""
+        batch: list[Pending] = []
         try:
             while self._pending:
-                async with self.channel.lock:
+                channel = self.channel
+                async with channel.lock:  # raises once the channel is closed
                     batch = self._take()
-                    if not batch:
-                        continue
-                    frame = self._tagged(batch)
-                    try:
-                        await self.channel.write_queue.put(frame)
-                    except BaseException as exc:  # cancelled with its channel
-                        self._fail(batch, exc)
-                        raise
+                    if batch:
+                        await self._put(channel, batch)
+                    batch = []
+        except BaseException as exc:  # a closed channel; cancelled with the loop
+            self._fail(batch + self._pending, exc)
+            self._pending = []
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self._writer = None
+
+    async def _put(self, channel: aiormq.Channel, batch: list[Pending]) -> None:
+        first = channel.delivery_tag
+        try:
+            await channel.write_queue.put(self._tagged(channel, batch))
+        except BaseException:
+            # Not written: give the tags back (the lock is held, nobody took more), as
+            # aiormq does for a publish of its own.
+            channel.delivery_tag = first
+            for pending in batch:
+                channel.confirmations.pop(pending.tag, None)
+                if channel.message_id_delivery_tag.get(pending.message_id) == pending.tag:
+                    del channel.message_id_delivery_tag[pending.message_id]
+                pending.tag = 0
+            raise
 
     def _take(self) -> list[Pending]:
         """The publishes to write now: the waiting ones whose sender still waits."""
@@ -137,9 +155,9 @@ class Publisher:
             return []
         return [pending for pending in batch if not pending.future.done()]
 
-    def _tagged(self, batch: list[Pending]) -> ChannelFrame:
+    @staticmethod
+    def _tagged(channel: aiormq.Channel, batch: list[Pending]) -> ChannelFrame:
         """Give each publish its delivery tag; the frames of all, as one write."""
-        channel = self.channel
         confirmations = channel.confirmations
         ids = channel.message_id_delivery_tag
         tag = channel.delivery_tag
@@ -163,10 +181,11 @@ class Publisher:
         self._pending = []
 
     def _fail(self, batch: list[Pending], error: BaseException | None) -> None:
+        """Fail the publishes of ``batch`` still waiting: with ``error``, or as closed."""
+        if not isinstance(error, Exception):  # none, or a cancellation: the channel is gone
+            error = self._closed_error()
         for pending in batch:
             if not pending.future.done():
-                if error is None or not isinstance(error, Exception):
-                    error = self._closed_error()
                 pending.future.set_exception(error)
 
     def _closed_error(self) -> Exception:
