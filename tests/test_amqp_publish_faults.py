@@ -48,25 +48,31 @@ async def dlq_length(raw: AbstractRobustConnection, name: str) -> int:
 
 
 class FailOnce:
-    """Wraps every publish (``Publisher.publish``: a send's; aiormq's ``Channel.basic_publish``:
+    """Wraps every publish (``Publisher.enqueue``: a send's; aiormq's ``Channel.basic_publish``:
     through aio-pika's ``Exchange.publish``): the publish of one chosen body raises ``error``
     once."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, body: bytes | None,
                  error: BaseException) -> None:
         self.calls, self.body, self.error, self.failed = 0, body, error, False
-        monkeypatch.setattr(aiormq.Channel, 'basic_publish',
-                            self._wrapped(aiormq.Channel.basic_publish))
-        monkeypatch.setattr(Publisher, 'publish', self._wrapped(Publisher.publish))
+        publish, enqueue = aiormq.Channel.basic_publish, Publisher.enqueue
 
-    def _wrapped(self, publish: Any) -> Any:
-        async def wrapped(channel: Any, body: bytes, *args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            if not self.failed and self.body in (None, body):
-                self.failed = True
-                raise self.error
-            return await publish(channel, body, *args, **kwargs)
-        return wrapped
+        async def wrapped_publish(channel: Any, body: bytes, **kwargs: Any) -> Any:
+            self._count(body)
+            return await publish(channel, body, **kwargs)
+
+        def wrapped_enqueue(publisher: Publisher, body: bytes, *args: Any, **kwargs: Any) -> Any:
+            self._count(body)
+            return enqueue(publisher, body, *args, **kwargs)
+
+        monkeypatch.setattr(aiormq.Channel, 'basic_publish', wrapped_publish)
+        monkeypatch.setattr(Publisher, 'enqueue', wrapped_enqueue)
+
+    def _count(self, body: bytes) -> None:
+        self.calls += 1
+        if not self.failed and self.body in (None, body):
+            self.failed = True
+            raise self.error
 
 
 # issue 8, item 12 -------------------------------------------------------------------------

@@ -70,11 +70,29 @@ class Publisher:
             raise ChannelInvalidStateError('the publishing channel is gone')
         return channel
 
+    @property
+    def closed(self) -> bool:
+        """True once its channel closed: publish on the channel that replaced it."""
+        return self._watch.done()
+
     async def publish(self, body: bytes, properties: bytes, message_id: str, *, exchange: str,
                       routing_key: str, mandatory: bool) -> Any:
         """Publish; return RabbitMQ's ack once it confirmed (raise on a nack or a return).
 
         ``properties``: ``amqp_wire.properties`` of the message, whose id is ``message_id``.
+        """
+        pending = self.enqueue(body, properties, message_id, exchange=exchange,
+                               routing_key=routing_key, mandatory=mandatory)
+        try:
+            return await pending.future
+        finally:
+            self.forget(pending)
+
+    def enqueue(self, body: bytes, properties: bytes, message_id: str, *, exchange: str,
+                routing_key: str, mandatory: bool) -> Pending:
+        """``publish`` without waiting: await its ``future``, then ``forget`` it.
+
+        For many publishes at once (``send_many``): futures to wait for, no task each.
         """
         channel = self.channel
         if self._watch.done():
@@ -93,13 +111,15 @@ class Publisher:
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._flush)
-        try:
-            return await pending.future
-        finally:
-            if mandatory and pending.tag:
-                tags = channel.message_id_delivery_tag
-                if tags.get(message_id) == pending.tag:
-                    del tags[message_id]
+        return pending
+
+    def forget(self, pending: Pending) -> None:
+        """Drop what aiormq keeps to find a returned message, once its publish is answered."""
+        channel = self._channel()
+        if pending.mandatory and pending.tag and channel is not None:
+            tags = channel.message_id_delivery_tag
+            if tags.get(pending.message_id) == pending.tag:
+                del tags[pending.message_id]
 
     def _flush(self) -> None:
         self._scheduled = False
