@@ -16,6 +16,7 @@ from microagent_mq import BrokerUnavailable, MicroAgent, Queue, Reject, consumer
 from microagent_mq.tools.amqp import AMQPBroker
 from microagent_mq.tools.amqp_codec import failed_at_of, outgoing_message
 from microagent_mq.tools.amqp_errors import is_transient
+from microagent_mq.tools.amqp_publisher import Publisher
 
 from .conftest import AMQP_DSN, Calls, free_port, unique, wait_until
 
@@ -47,23 +48,31 @@ async def dlq_length(raw: AbstractRobustConnection, name: str) -> int:
 
 
 class FailOnce:
-    """Wraps aiormq's ``Channel.basic_publish`` (every publish, ours or through aio-pika's
-    ``Exchange.publish``): the publish of one chosen body raises ``error`` once."""
+    """Wraps every publish (``Publisher.enqueue``: a send's; aiormq's ``Channel.basic_publish``:
+    through aio-pika's ``Exchange.publish``): the publish of one chosen body raises ``error``
+    once."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, body: bytes | None,
                  error: BaseException) -> None:
         self.calls, self.body, self.error, self.failed = 0, body, error, False
-        self._publish = aiormq.Channel.basic_publish
-        monkeypatch.setattr(aiormq.Channel, 'basic_publish', self._wrapped())
+        publish, enqueue = aiormq.Channel.basic_publish, Publisher.enqueue
 
-    def _wrapped(self) -> Any:
-        async def publish(channel: aiormq.Channel, body: bytes, **kwargs: Any) -> Any:
-            self.calls += 1
-            if not self.failed and self.body in (None, body):
-                self.failed = True
-                raise self.error
-            return await self._publish(channel, body, **kwargs)
-        return publish
+        async def wrapped_publish(channel: Any, body: bytes, **kwargs: Any) -> Any:
+            self._count(body)
+            return await publish(channel, body, **kwargs)
+
+        def wrapped_enqueue(publisher: Publisher, body: bytes, *args: Any, **kwargs: Any) -> Any:
+            self._count(body)
+            return enqueue(publisher, body, *args, **kwargs)
+
+        monkeypatch.setattr(aiormq.Channel, 'basic_publish', wrapped_publish)
+        monkeypatch.setattr(Publisher, 'enqueue', wrapped_enqueue)
+
+    def _count(self, body: bytes) -> None:
+        self.calls += 1
+        if not self.failed and self.body in (None, body):
+            self.failed = True
+            raise self.error
 
 
 # issue 8, item 12 -------------------------------------------------------------------------

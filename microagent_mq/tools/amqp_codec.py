@@ -18,8 +18,8 @@ from typing import Any
 
 import aio_pika
 import orjson
-from pamqp.commands import Basic
 
+from . import amqp_wire
 from .amqp_incoming import Readable
 
 
@@ -38,12 +38,12 @@ def outgoing_message(body: bytes, message_id: str, attempt: int, *,
 
 def outgoing_properties(message_id: str, attempt: int, *, headers: dict[str, Any] | None = None,
                         sent_at: float = 0.0, extra: dict[str, Any] | None = None,
-                        priority: int = 0) -> Basic.Properties:
-    """The properties ``outgoing_message`` gives, for aiormq's ``basic_publish`` (the send
-    path: an ``aio_pika.Message`` costs more than the rest of a send's own work)."""
-    return Basic.Properties(message_id=message_id, content_type=CONTENT_TYPE,
-                            delivery_mode=PERSISTENT, headers=_table(attempt, headers, sent_at, extra),
-                            priority=priority or None)
+                        priority: int = 0) -> bytes:
+    """The properties ``outgoing_message`` gives, encoded for a publish's content header (the
+    send path, ``amqp_publisher``: an ``aio_pika.Message`` or a ``Basic.Properties`` costs
+    more than the rest of a send's own work)."""
+    return amqp_wire.properties(CONTENT_TYPE, _table(attempt, headers, sent_at, extra),
+                                PERSISTENT, priority, message_id)
 
 
 CONTENT_TYPE = 'application/json'

@@ -10,6 +10,7 @@ published into the journal after the message's other copies were confirmed.
 
 import asyncio
 import math
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .amqp_delay import DESTINATION_HEADER, MAX_DELAY_S, delay_ms, entry_exchang
 from .amqp_errors import is_transient
 from .amqp_journal import has_journal, journal_name
 from .amqp_options import is_bounded, reentry
+from .amqp_publisher import Pending, Publisher, publisher_of
 
 
 @dataclass(slots=True)
@@ -73,39 +75,57 @@ def exchange_of(copy: Copy) -> str:
 async def send(channel: AbstractChannel, copy: Copy) -> Any:
     """Publish one copy on ``channel`` (a confirming one); return once RabbitMQ confirmed it.
 
-    Straight on aiormq's channel, with aio-pika's errors (a nack, an unroutable message with
+    Straight on aiormq's channel through ``amqp_publisher`` (the copies sent at the same time
+    leave in one write), with aio-pika's errors (a nack, an unroutable message with
     ``on_return_raises``: aiormq raises them), minus what concurrent sends pay for nothing:
-    an ``aio_pika.Message`` per copy, and the wait until the frames left the socket (held
-    under the channel's lock, it lets only one publish at a time reach the socket; the
+    an ``aio_pika.Message`` per copy, and the wait until the frames left the socket (the
     confirm, which comes after, is what a send waits for).
     """
+    publisher = await publisher_for(channel)
+    pending = enqueue(publisher, copy)
+    try:
+        return await pending.future
+    finally:
+        publisher.forget(pending)
+
+
+async def publisher_for(channel: AbstractChannel) -> Publisher:
+    """The publisher of the aiormq channel under ``channel`` (a new one after a reconnection)."""
+    publisher = _PUBLISHERS.get(channel)
+    if publisher is None or publisher.closed:
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        publisher = _PUBLISHERS[channel] = publisher_of(underlay)
+    return publisher
+
+
+_PUBLISHERS: 'weakref.WeakKeyDictionary[AbstractChannel, Publisher]' = weakref.WeakKeyDictionary()
+
+
+def enqueue(publisher: Publisher, copy: Copy) -> Pending:
+    """Hand one copy to the publisher: to its queue, exchange, delay ladder or journal."""
     message = copy.message
-    # aiormq's own channel: its basic_publish takes ``wait`` (the abstract one does not say)
-    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     if copy.journal:
-        return await underlay.basic_publish(
-            message.body, exchange='', routing_key=copy.journal,
-            properties=properties_of(message), mandatory=True, wait=False)
+        return publisher.enqueue(message.body, properties_of(message), message.message_id,
+                                 exchange='', routing_key=copy.journal, mandatory=True)
     if copy.delayed_to:
         ms = delay_ms(message.delay)
-        return await underlay.basic_publish(
-            message.body, exchange=entry_exchange(ms), routing_key=routing_key(ms),
-            properties=properties_of(message, {DESTINATION_HEADER: copy.delayed_to}),
-            mandatory=True, wait=False)
+        return publisher.enqueue(
+            message.body, properties_of(message, {DESTINATION_HEADER: copy.delayed_to}),
+            message.message_id, exchange=entry_exchange(ms), routing_key=routing_key(ms),
+            mandatory=True)
     if message.exchange:
-        return await underlay.basic_publish(
-            message.body, exchange=message.exchange, routing_key=message.topic,
-            properties=properties_of(message), mandatory=False, wait=False)
+        return publisher.enqueue(message.body, properties_of(message), message.message_id,
+                                 exchange=message.exchange, routing_key=message.topic,
+                                 mandatory=False)
     queue = message.queues[0]
     # One publish to the queue and its journal (see amqp_journal); a bounded queue's copy
     # is a Copy of its own instead.
     extra = {'BCC': [journal_name(queue)]} if has_journal(queue) and not is_bounded(queue) else None
-    return await underlay.basic_publish(
-        message.body, exchange='', routing_key=queue,
-        properties=properties_of(message, extra), mandatory=True, wait=False)
+    return publisher.enqueue(message.body, properties_of(message, extra), message.message_id,
+                             exchange='', routing_key=queue, mandatory=True)
 
 
-def properties_of(message: Outgoing, extra: dict[str, Any] | None = None) -> Basic.Properties:
+def properties_of(message: Outgoing, extra: dict[str, Any] | None = None) -> bytes:
     """A first attempt, with the sender's metadata; ``extra``: transport headers."""
     return outgoing_properties(message.message_id, 1, headers=message.headers,
                                sent_at=message.sent_at, extra=extra, priority=message.priority)
@@ -148,8 +168,21 @@ async def publish_copies(channel: AbstractChannel, exchanges: dict[str, Abstract
 async def _publish_all(channel: AbstractChannel, exchanges: dict[str, AbstractExchange],
                        copies: list[Copy]) -> tuple[list[Copy], BaseException | None, list[Copy]]:
     """Publish copies, every confirm awaited together: failed, first error, refused."""
-    results = await asyncio.gather(*(send(channel, c) for c in copies),
-                                   return_exceptions=True)
+    publisher = await publisher_for(channel)
+    handed: list[Pending | BaseException] = []
+    for copy in copies:
+        try:
+            handed.append(enqueue(publisher, copy))
+        except Exception as exc:  # as a failed publish of this copy
+            handed.append(exc)
+    pending = [each for each in handed if isinstance(each, Pending)]
+    try:  # the futures themselves: no task per copy
+        await asyncio.gather(*(each.future for each in pending), return_exceptions=True)
+    finally:
+        for each in pending:
+            publisher.forget(each)
+    results = [each if isinstance(each, BaseException) else each.future.exception()
+               for each in handed]
     failed: list[Copy] = []
     refused: list[Copy] = []
     error: BaseException | None = None
