@@ -16,6 +16,11 @@ channel fails what waits (as aiormq's future store would).
 Delivery tags are the channel's count of publishes, so a tag must be taken and its frames
 queued with nothing else published in between: without a pause when the channel's lock is
 free and the queue has room, else under the lock (aiormq's publishes take it for the same).
+
+It relies on aiormq's channel internals (``_Channel__lock``, ``write_queue``,
+``confirmations``, ``delivery_tag``, ``message_id_delivery_tag``, ``ChannelFrame``), the same
+from aiormq 6.8 to 7.2 (read in each release's source); the ``amqp`` extra caps aiormq below 8,
+and ``tests/test_amqp_wire.py`` compares the frames with pamqp's.
 """
 
 import asyncio
