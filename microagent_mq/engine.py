@@ -192,8 +192,9 @@ class ConsumerRunner:
             # Handlers run in line in this task (``_dispatch``): it is their task for its whole
             # life, so it is known as such once here, not around every message (setting and
             # resetting a context variable cost ~0.8 us a message).
-            self._inline_task = asyncio.current_task()
-            _handling.set((self, self._inline_task))
+            self._inline_task = task = asyncio.current_task()
+            assert task is not None
+            _handling.set((self, task))
         # The fetch loop must never die silently: whatever escapes it is logged and the
         # loop starts again (a cancellation, or the process exiting, ends it).
         while not self._stopping:
