@@ -95,7 +95,7 @@ class AbstractQueueBroker(ABC):
         # _encode and _outgoing inlined for the common case, one Queue.get: a queue (not an
         # exchange) of the JSON format, no option (what _outgoing checks when there is one).
         body = _body(message) if type(queue).serialize is Queue.serialize else _serialized(queue, message)
-        if kwargs or queue.is_exchange:
+        if kwargs or queue.exchange == name:  # queue.is_exchange, without its call
             outgoing = self._outgoing(name, body, kwargs)
         else:
             outgoing = Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,), '', '', 0.0,

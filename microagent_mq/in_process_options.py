@@ -138,8 +138,17 @@ def store(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> Non
         message = batch[0]
         queue = get(message.queues[0])
         if queue.plain:
-            queue.put(_delivery(message), message.delay)
+            # _delivery's, in line here (a call less for every send)
+            headers = message.headers
+            queue.put(Delivery(bytes(memoryview(message.body)), message.message_id, 1, None,
+                               None if headers is None else dict(headers), message.sent_at,
+                               False, message.priority), message.delay)
             return
+    _store_all(get, batch)
+
+
+def _store_all(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
+    # Apart from ``store``: its comprehension would make ``get`` a cell there, made on every call.
     queues = {name: get(name) for message in batch for name in message.queues}  # once each
     if any(queue.max_length for queue in queues.values()):  # counted first, only then
         _refuse_overflow(queues, batch)
