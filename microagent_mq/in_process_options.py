@@ -132,39 +132,49 @@ def configure(queue: OptionedQueue, name: str) -> None:
 
 def store(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
     """Put every message of ``batch`` in its queues, or none when one would overflow."""
-    if len(batch) == 1 and len(batch[0].queues) == 1:
-        # One message to one queue (every send): a queue without a bound nor a journal needs
-        # only the put, so the checks below are not paid for by every plain send.
+    if len(batch) == 1 and len(batch[0].queues) == 1:  # one message to one queue: every send
         message = batch[0]
-        queue = get(message.queues[0])
+        name = message.queues[0]
+        queue = get(name)
         if queue.plain:
-            # _delivery's, in line here (a call less for every send)
+            # Without a bound nor a journal, only the put: _delivery's, in line (every plain
+            # send pays for no more than that).
             headers = message.headers
             queue.put(Delivery(bytes(memoryview(message.body)), message.message_id, 1, None,
                                None if headers is None else dict(headers), message.sent_at,
                                False, message.priority), message.delay)
             return
+        if queue.max_length:
+            _refuse_overflow({name: queue}, batch)
+        _put(queue, name, message)
+        return
     _store_all(get, batch)
 
 
 def _store_all(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
     # Apart from ``store``: its comprehension would make ``get`` a cell there, made on every call.
     queues = {name: get(name) for message in batch for name in message.queues}  # once each
-    if any(queue.max_length for queue in queues.values()):  # counted first, only then
-        _refuse_overflow(queues, batch)
+    for queue in queues.values():
+        if queue.max_length:  # counted first, only where a queue has a bound
+            _refuse_overflow(queues, batch)
+            break
     for message in batch:
         for name in message.queues:
-            queue = queues[name]
-            delivery = _delivery(message)
-            queue.put(delivery, message.delay)
-            if queue.plain:
-                continue
-            if queue.journal is not None:
-                queue.journal.add(name, message, delivery.body)
-            if queue.drop_oldest and not message.delay:
-                ready = queue.ready
-                while len(ready) > queue.max_length:
-                    ready.popleft()
+            _put(queues[name], name, message)
+
+
+def _put(queue: OptionedQueue, name: str, message: Outgoing) -> None:
+    """Put ``message`` in ``queue``, then what its options want: a journal entry, a drop."""
+    delivery = _delivery(message)
+    queue.put(delivery, message.delay)
+    if queue.plain:
+        return
+    if queue.journal is not None:
+        queue.journal.add(name, message, delivery.body)
+    if queue.drop_oldest and not message.delay:
+        ready = queue.ready
+        while len(ready) > queue.max_length:
+            ready.popleft()
 
 
 def _delivery(message: Outgoing) -> Delivery:
