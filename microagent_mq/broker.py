@@ -94,7 +94,10 @@ class AbstractQueueBroker(ABC):
         queue = Queue.get(name)
         # _encode and _outgoing inlined for the common case, one Queue.get: a queue (not an
         # exchange) of the JSON format, no option (what _outgoing checks when there is one).
-        body = _body(message) if type(queue).serialize is Queue.serialize else _serialized(queue, message)
+        if type(queue) is Queue or type(queue).serialize is Queue.serialize:  # the first: cheaper
+            body = _body(message)
+        else:
+            body = _serialized(queue, message)
         if kwargs or queue.exchange == name:  # queue.is_exchange, without its call
             outgoing = self._outgoing(name, body, kwargs)
         else:
