@@ -501,7 +501,7 @@ class AbstractQueueBroker(ABC):
 
     def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
         queue = Queue.get(name)
-        if not options and not queue.is_exchange:  # the common case, checked cheaply
+        if not options and queue.exchange != name:  # the common case, checked cheaply (no property call)
             return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,),
                             sent_at=time.time())
         if unknown := options.keys() - SEND_OPTIONS:
