@@ -91,7 +91,18 @@ class AbstractQueueBroker(ABC):
         ``headers=``: metadata beside the body (str keys, JSON values; ``mq-*`` is reserved).
         Raises ``QueueFull`` when the queue is at its ``max_length`` (``overflow='reject'``).
         """
-        outgoing = self._outgoing(name, self._encode(name, message), kwargs)
+        queue = Queue.get(name)
+        # _encode and _outgoing inlined for the common case, one Queue.get: a queue (not an
+        # exchange) of the JSON format, no option (what _outgoing checks when there is one).
+        if type(queue) is Queue or type(queue).serialize is Queue.serialize:  # the first: cheaper
+            body = _body(message)
+        else:
+            body = _serialized(queue, message)
+        if kwargs or queue.exchange == name:  # queue.is_exchange, without its call
+            outgoing = self._outgoing(name, body, kwargs)
+        else:
+            outgoing = Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,), '', '', 0.0,
+                                None, time.time())
         if headers is not None:
             outgoing.headers = check_headers(headers)
         if self.middlewares:  # tested here, not in a helper: no extra call per send without them
@@ -104,7 +115,16 @@ class AbstractQueueBroker(ABC):
         if 'message_id' in kwargs:  # one id for several messages: the receivers keep only one
             raise ConfigurationError('send_many() takes no message_id= (it would give every message '
                                      'of the batch the same id): send() each message with its own')
-        batch = [self._outgoing(name, self._encode(name, m), kwargs) for m in messages]
+        try:
+            queue: Queue | None = Queue.get(name)
+        except QueueNotFound:  # refused at the first message, as send() would (none: no error)
+            queue = None
+        if queue is None or kwargs or queue.is_exchange or type(queue).serialize is not Queue.serialize:
+            batch = [self._outgoing(name, self._encode(name, m), kwargs) for m in messages]
+        else:  # the common case, as in send: the Outgoing _outgoing makes without options
+            targets, prefix, ids = (name,), self._id_prefix, self._ids
+            batch = [Outgoing(_body(m), f'{prefix}{next(ids):x}', targets, '', '', 0.0, None,
+                              time.time()) for m in messages]
         if headers is not None:
             checked = check_headers(headers)
             for outgoing in batch:
@@ -488,7 +508,7 @@ class AbstractQueueBroker(ABC):
 
     def _outgoing(self, name: str, body: bytes, options: dict[str, Any]) -> Outgoing:
         queue = Queue.get(name)
-        if not options and not queue.is_exchange:  # the common case, checked cheaply
+        if not options and queue.exchange != name:  # the common case, checked cheaply (no property call)
             return Outgoing(body, f'{self._id_prefix}{next(self._ids):x}', (name,),
                             sent_at=time.time())
         if unknown := options.keys() - SEND_OPTIONS:

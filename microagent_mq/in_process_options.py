@@ -107,6 +107,7 @@ class OptionedQueue(Protocol):
     journal: Journal | None
     max_length: int
     drop_oldest: bool
+    plain: bool  # none of the options above: a send only puts the message (``store``)
 
     def put(self, delivery: Delivery, delay: float = 0.0) -> None: ...
 
@@ -124,46 +125,76 @@ def configure(queue: OptionedQueue, name: str) -> None:
     if declared.retention_s:
         queue.journal = Journal(declared.retention_s)
     queue.max_length = declared.max_length
-    queue.drop_oldest = declared.overflow == 'drop_oldest'
+    # As RabbitMQ's x-overflow: no bound, nothing to drop (not every message dropped at once).
+    queue.drop_oldest = declared.max_length > 0 and declared.overflow == 'drop_oldest'
+    queue.plain = queue.journal is None and not queue.max_length
 
 
 def store(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
     """Put every message of ``batch`` in its queues, or none when one would overflow."""
-    if _bounded(get, batch):  # counted first, only where a queue has a bound
-        _refuse_overflow(get, batch)
+    if len(batch) == 1 and len(batch[0].queues) == 1:  # one message to one queue: every send
+        message = batch[0]
+        name = message.queues[0]
+        queue = get(name)
+        if queue.plain:
+            # Without a bound nor a journal, only the put: _delivery's, in line (every plain
+            # send pays for no more than that).
+            headers = message.headers
+            queue.put(Delivery(bytes(memoryview(message.body)), message.message_id, 1, None,
+                               None if headers is None else dict(headers), message.sent_at,
+                               False, message.priority), message.delay)
+            return
+        if queue.max_length:
+            _refuse_overflow({name: queue}, batch)
+        _put(queue, name, message)
+        return
+    _store_all(get, batch)
+
+
+def _store_all(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
+    # Apart from ``store``: its comprehension would make ``get`` a cell there, made on every call.
+    queues = {name: get(name) for message in batch for name in message.queues}  # once each
+    for queue in queues.values():
+        if queue.max_length:  # counted first, only where a queue has a bound
+            _refuse_overflow(queues, batch)
+            break
     for message in batch:
         for name in message.queues:
-            queue = get(name)
-            # A copy of exact size (orjson's output keeps a 4 KiB buffer behind it), and
-            # headers per queue, as a real broker's wire gives: the sender may reuse its dict.
-            body = bytes(memoryview(message.body))
-            headers = dict(message.headers) if message.headers is not None else None
-            queue.put(Delivery(body, message.message_id, 1, None, headers, message.sent_at,
-                               priority=message.priority), message.delay)
-            if queue.journal is not None:
-                queue.journal.add(name, message, body)
-            if queue.drop_oldest and not message.delay:
-                ready = queue.ready
-                while len(ready) > queue.max_length:
-                    ready.popleft()
+            _put(queues[name], name, message)
 
 
-def _bounded(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> bool:
-    for message in batch:
-        for name in message.queues:
-            if get(name).max_length:
-                return True
-    return False
+def _put(queue: OptionedQueue, name: str, message: Outgoing) -> None:
+    """Put ``message`` in ``queue``, then what its options want: a journal entry, a drop."""
+    delivery = _delivery(message)
+    queue.put(delivery, message.delay)
+    if queue.plain:
+        return
+    if queue.journal is not None:
+        queue.journal.add(name, message, delivery.body)
+    if queue.drop_oldest and not message.delay:
+        ready = queue.ready
+        while len(ready) > queue.max_length:
+            ready.popleft()
 
 
-def _refuse_overflow(get: Callable[[str], OptionedQueue], batch: Sequence[Outgoing]) -> None:
+def _delivery(message: Outgoing) -> Delivery:
+    """What a queue holds of ``message``: its first attempt."""
+    # A copy of exact size (orjson's output keeps a 4 KiB buffer behind it), and headers
+    # per queue, as a real broker's wire gives: the sender may reuse its dict.
+    headers = message.headers
+    return Delivery(bytes(memoryview(message.body)), message.message_id, 1, None,
+                    None if headers is None else dict(headers), message.sent_at, False,
+                    message.priority)
+
+
+def _refuse_overflow(queues: dict[str, OptionedQueue], batch: Sequence[Outgoing]) -> None:
     incoming: dict[str, int] = {}
     for message in batch:
         if not message.delay:  # a delayed message counts once it is due
             for name in message.queues:
                 incoming[name] = incoming.get(name, 0) + 1
     for name, count in incoming.items():
-        queue = get(name)
+        queue = queues[name]
         if queue.max_length and not queue.drop_oldest:
             queue.promote_due()
             if len(queue.ready) + count > queue.max_length:

@@ -151,3 +151,40 @@ async def test_the_test_broker_keeps_priorities_bounds_and_history() -> None:
     await broker.process_messages()
     assert seen == [2, 4, 3, 1, 2, 4, 3, 1]  # replayed with their priorities
     await broker.close()
+
+
+@pytest.mark.parametrize('kind', ['memory', 'test'])
+async def test_drop_oldest_without_max_length_drops_nothing(kind: str) -> None:
+    # overflow applies to a bound (RabbitMQ's x-overflow needs x-max-length): without one,
+    # the in-process queues used to drop every message as soon as it was stored.
+    from microagent_mq.testing import TestBroker
+    from microagent_mq.tools.memory import MemoryBroker
+
+    Queue('unbounded', overflow='drop_oldest')
+    broker = MemoryBroker('memory://unbounded') if kind == 'memory' else TestBroker()
+    await broker.send('unbounded', {'n': 1})
+    await broker.send_many('unbounded', [{'n': 2}, {'n': 3}])
+    assert await broker.queue_length('unbounded') == 3
+    await broker.close()
+
+
+@pytest.mark.parametrize('kind', ['memory', 'test'])
+async def test_a_bounded_queue_counts_every_send_path(kind: str) -> None:
+    # A send of one message takes a shorter path on a plain queue: a bounded queue must not.
+    from microagent_mq import QueueFull
+    from microagent_mq.testing import TestBroker
+    from microagent_mq.tools.memory import MemoryBroker
+
+    Queue('bounded', max_length=2)
+    Queue('plain')
+    broker = MemoryBroker('memory://bounded') if kind == 'memory' else TestBroker()
+    await broker.send('plain', {'n': 0})
+    await broker.send('bounded', {'n': 1})
+    await broker.send('bounded', {'n': 2})
+    with pytest.raises(QueueFull):
+        await broker.send('bounded', {'n': 3})
+    with pytest.raises(QueueFull):
+        await broker.send_many('bounded', [{'n': 4}])
+    assert await broker.queue_length('bounded') == 2
+    assert await broker.queue_length('plain') == 1
+    await broker.close()

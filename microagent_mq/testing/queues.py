@@ -33,6 +33,7 @@ class VirtualQueue:
     journal: Journal | None = None
     max_length: int = 0
     drop_oldest: bool = False
+    plain: bool = True  # no journal, no bound: see in_process_options.store
 
     def put(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delay > 0:

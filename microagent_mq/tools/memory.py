@@ -17,6 +17,7 @@ from ..in_process_options import Journal, configure, store
 from ..transport import DeadLetter, Delivery, Outgoing, QueueStats, Subscription, now_s
 
 IDLE_WAKE_S = 1.0  # an idle fetch returns this often, so the engine can look around
+ALARM_SLACK_S = 0.001  # a fetch woken this close to its deadline returns (timers ring early)
 
 
 @dataclass(eq=False)
@@ -32,6 +33,7 @@ class MemoryQueue:
     journal: Journal | None = None
     max_length: int = 0
     drop_oldest: bool = False
+    plain: bool = True  # no journal, no bound: see in_process_options.store
 
     def put(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delay > 0:
@@ -104,6 +106,11 @@ class MemorySubscription(Subscription):
         self._name = name
         self._waiter: asyncio.Future[None] | None = None
         self._stopped = False
+        # Wakes a waiting fetch at its deadline. One timer serves the fetches after it while
+        # it rings no later than theirs (it is not armed and cancelled for every wait: on a
+        # queue that gets one message at a time, that cost a few microseconds a message).
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarm_loop: asyncio.AbstractEventLoop | None = None  # where it rings
 
     async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
         if self._stopped:
@@ -113,26 +120,48 @@ class MemorySubscription(Subscription):
         ready = queue.ready
         idle = IDLE_WAKE_S if wait_s is None else min(wait_s, IDLE_WAKE_S)
         if not ready and idle > 0:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            queue.waiters.append(waiter)
-            try:
-                async with asyncio.timeout(min(wait or idle, idle)):
-                    await waiter
-            except TimeoutError:
-                pass
-            finally:
-                self._waiter = None
-                if waiter in queue.waiters:  # not woken: take it out, or idle waits pile up
-                    queue.waiters.remove(waiter)
-            if self._stopped:
-                return []
-            queue.promote_due()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(wait or idle, idle)
+            while True:
+                await self._wait(loop, deadline)
+                if self._stopped:
+                    return []
+                wait = queue.promote_due()
+                # Woken by a put, a release or a delayed send (the alarm is still armed), or
+                # at the deadline; an alarm of an earlier fetch ringing before it: wait on.
+                if ready or self._alarm is not None or deadline - loop.time() < ALARM_SLACK_S:
+                    break
+                if wait is not None:  # sent with a delay as the alarm rang, due before the deadline
+                    deadline = min(deadline, loop.time() + wait)
         batch = [ready.popleft() for _ in range(min(max_count, len(ready)))]
         queue.in_flight += len(batch)
         now = time.monotonic()
         for delivery in batch:
             delivery.received_at = now
         return batch
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Wait for a put (or a stop) to wake this fetch, or for the alarm."""
+        alarm = self._alarm
+        if alarm is None or alarm.when() > deadline or self._alarm_loop is not loop:
+            if alarm is not None:
+                alarm.cancel()
+            self._alarm, self._alarm_loop = loop.call_at(deadline, self._ring), loop
+        waiter = self._waiter = loop.create_future()
+        queue = self._queue
+        queue.waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if waiter in queue.waiters:  # not woken by the queue: out, or idle waits pile up
+                queue.waiters.remove(waiter)
+
+    def _ring(self) -> None:
+        self._alarm = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def stop_fetching(self) -> None:
         self._stopped = True
@@ -160,4 +189,6 @@ class MemorySubscription(Subscription):
         self._queue.wake()
 
     async def close(self) -> None:
-        return None
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
