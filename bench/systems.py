@@ -252,6 +252,18 @@ class RawRedis(System):
         await self.r.aclose()
 
 
+class RawRedisNoTimeout(RawRedis):
+    """``RawRedis`` without redis-py 8's default ``socket_timeout`` (5 s): no timer per command,
+    as the broker's pool (its guard is one watchdog, ``tools/redis_pool``). Not in the plan:
+    ``python -m bench.scenarios redis-raw-notimeout end_to_end 5000`` beside ``redis``."""
+
+    async def setup(self) -> None:
+        import redis.asyncio as aioredis
+        self.r = aioredis.Redis.from_url(REDIS_DSN, socket_timeout=None)
+        self.stream = f'bench:{self.queue}'
+        await self.r.xgroup_create(self.stream, 'g', id='0', mkstream=True)
+
+
 class RawAMQP(System):
     """aio-pika with the same confirms, persistence and acks."""
 
@@ -386,6 +398,7 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     'amqp-typed': lambda: OursTyped('amqp'),
     'redis': lambda: Ours('redis'),
     'redis-raw': RawRedis,
+    'redis-raw-notimeout': RawRedisNoTimeout,
     'redis_cluster': lambda: Ours('redis_cluster'),
     'amqp': lambda: Ours('amqp'),
     'amqp-raw': RawAMQP,
