@@ -8,8 +8,8 @@ while a connection is free and waits for a release only when none is.
 
 A dead link must not hang a command. redis-py guards each command with ``socket_timeout``
 (5 s by default since redis-py 8, none before): an ``asyncio.wait_for`` per write (a task
-per command on Python 3.11) and an ``asyncio.timeout`` per reply, about a fifth of the CPU
-of a message sent and handled end to end. The broker turns that off and guards here
+per command on Python 3.11) and an ``asyncio.timeout`` per reply: a quarter or more of the
+CPU of a message sent and handled end to end (docs/benchmarks.md). The broker turns that off and guards here
 instead: a connection checked out for longer than ``command_timeout`` (no command of the
 broker holds one that long: its blocking reads block 250 ms at most) has its transport
 aborted, so the command waiting on it fails with ``ConnectionError`` and redis-py's retry
