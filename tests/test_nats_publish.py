@@ -21,6 +21,18 @@ async def client() -> AsyncIterator[Any]:
     await connection.close()
 
 
+@pytest.fixture
+async def stream(client: Any) -> AsyncIterator[tuple[str, Any]]:
+    """A stream of the test's own on subject ``<name>.q``: (its name, the JetStream context)."""
+    from nats.js import api
+
+    name = unique('np')
+    js = client.jetstream()
+    await js.add_stream(api.StreamConfig(name=name, subjects=[f'{name}.q']))
+    yield name, js
+    await js.delete_stream(name)
+
+
 async def _stores(client: Any, ack_timeout_s: float = 5.0) -> Any:
     from microagent_mq.tools.nats_publish import Stores
 
@@ -29,38 +41,27 @@ async def _stores(client: Any, ack_timeout_s: float = 5.0) -> Any:
     return stores
 
 
-async def test_a_store_returns_once_the_stream_holds_the_message(client: Any) -> None:
-    from nats.js import api
-
-    name = unique('np')
-    js = client.jetstream()
-    await js.add_stream(api.StreamConfig(name=name, subjects=[f'{name}.q']))
-    try:
-        stores = await _stores(client)
-        await asyncio.gather(*(stores.store(f'{name}.q', b'{"n":%d}' % i, {'Nats-Msg-Id': f'id{i}'})
-                               for i in range(3)))
-        await stores.store(f'{name}.q', b'{"n":0}', {'Nats-Msg-Id': 'id0'})  # de-duplicated
-        assert (await js.stream_info(name)).state.messages == 3
-        assert stores._waiting == {}
-    finally:
-        await js.delete_stream(name)
+async def test_a_store_returns_once_the_stream_holds_the_message(
+        client: Any, stream: tuple[str, Any]) -> None:
+    name, js = stream
+    stores = await _stores(client)
+    await asyncio.gather(*(stores.store(f'{name}.q', b'{"n":%d}' % i, {'Nats-Msg-Id': f'id{i}'})
+                           for i in range(3)))
+    await stores.store(f'{name}.q', b'{"n":0}', {'Nats-Msg-Id': 'id0'})  # de-duplicated
+    assert (await js.stream_info(name)).state.messages == 3
+    assert stores._waiting == {}
 
 
-async def test_a_store_refused_by_the_stream_raises_its_api_error(client: Any) -> None:
+async def test_a_store_refused_by_the_stream_raises_its_api_error(
+        client: Any, stream: tuple[str, Any]) -> None:
     import nats.js.errors
-    from nats.js import api
 
-    name = unique('np')
-    js = client.jetstream()
-    await js.add_stream(api.StreamConfig(name=name, subjects=[f'{name}.q']))
-    try:
-        stores = await _stores(client)
-        with pytest.raises(nats.js.errors.APIError) as refused:
-            await stores.store(f'{name}.q', b'{}', {'Nats-Expected-Last-Sequence': '99'})
-        assert refused.value.err_code == 10071  # wrong last sequence: what nats_bounded relies on
-        assert (await js.stream_info(name)).state.messages == 0
-    finally:
-        await js.delete_stream(name)
+    name, js = stream
+    stores = await _stores(client)
+    with pytest.raises(nats.js.errors.APIError) as refused:
+        await stores.store(f'{name}.q', b'{}', {'Nats-Expected-Last-Sequence': '99'})
+    assert refused.value.err_code == 10071  # wrong last sequence: what nats_bounded relies on
+    assert (await js.stream_info(name)).state.messages == 0
 
 
 async def test_a_store_to_a_subject_without_a_stream_raises_no_stream(client: Any) -> None:

@@ -5,6 +5,7 @@ and an exchange no queue of this process is bound to (checked for its range only
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -18,6 +19,18 @@ from .conftest import unique
 from .outbox_support import RecordingBroker, db_url
 
 
+def job_class(max_priority: int) -> tuple[Any, str]:
+    """A typed task class, and its queue (of its own, declared with ``max_priority``)."""
+    name = unique()
+    Queue(name, max_priority=max_priority)
+
+    @dataclass(frozen=True)
+    class Job(Message, queue=name):
+        n: int
+
+    return Job, name
+
+
 @pytest.fixture
 async def null() -> AsyncIterator[NullBroker]:
     broker = NullBroker('null://')
@@ -26,13 +39,7 @@ async def null() -> AsyncIterator[NullBroker]:
 
 
 async def test_typed_publish_carries_its_priority(null: NullBroker) -> None:
-    name = unique()
-    Queue(name, max_priority=5)
-
-    @dataclass(frozen=True)
-    class Job(Message, queue=name):
-        n: int
-
+    Job, name = job_class(max_priority=5)
     await Job(1).publish(priority=4)
     await publish(Job(2), priority=3)
     await publish_many([Job(3), Job(4)], priority=2)
@@ -59,13 +66,7 @@ async def test_an_unbound_exchange_takes_a_priority_in_range(null: NullBroker) -
 
 
 async def test_a_typed_outbox_row_keeps_its_priority(tmp_path: Path) -> None:
-    name = unique()
-    Queue(name, max_priority=3)
-
-    @dataclass(frozen=True)
-    class Job(Message, queue=name):
-        n: int
-
+    Job, name = job_class(max_priority=3)
     engine = create_async_engine(db_url('sqlite', tmp_path))
     outbox = Outbox(engine, table=unique('mq_outbox'))
     broker = RecordingBroker(f'memory://{unique("ns")}')
