@@ -13,6 +13,7 @@ from .control import Reject, Retry
 from .deadlines import Deadlines
 from .idempotency import Idempotency
 from .middleware.base import Middleware, Observation, Outcome, message_info
+from .options import PREFETCH_HOLD_S
 from .transport import Delivery, Subscription
 
 FETCH_BACKOFF_MAX_S = 5.0
@@ -46,7 +47,18 @@ class ConsumerRunner:
         config = consumer.config
         self._config = config
         self._queue = consumer.queue.name
-        self._capacity = config.concurrency + config.prefetch
+        low, high = config.prefetch_range
+        self._capacity = config.concurrency + low
+        # prefetch='auto': the capacity follows the handlers' pace (``_adapt``).
+        self._prefetch_range = (low, high) if high > low else None
+        self._fetch_began = 0.0
+        self._fetched = 0  # the last fetch's count
+        # Where a fetch is a round trip (``reads_ahead``), under a backlog (the last fetch came
+        # back full) the next fetch starts once half the capacity is free, while the handlers
+        # get through the rest: the server reads while they work. Never more than capacity held.
+        self._reads_ahead = subscription.reads_ahead
+        self._ahead: asyncio.Task[Sequence[Delivery]] | None = None
+        self._backlog = False
         # A message that waited this long in the buffer gets its reservation renewed
         # before the handler starts, so it cannot expire while the handler runs.
         self._renew_after = config.visibility(consumer.timeout) - consumer.timeout
@@ -131,7 +143,12 @@ class ConsumerRunner:
         # Every message held by a handler, in fetch order (all fetched before the buffer's).
         held = [self._inline] if self._inline is not None else list(self._tasks.values())
         handlers = {*self._tasks, *([loop_task] if loop_task and inline else [])}
-        fetch = {loop_task} if loop_task is not None and not inline else set()
+        fetch: set[asyncio.Task[Any]] = {loop_task} if loop_task is not None and not inline else set()
+        # A read ahead nobody took yet (the loop takes none once stopping): its messages go
+        # back with the buffer's, after them.
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            fetch.add(ahead)
         if own is not None:
             handlers.discard(own)
             fetch.discard(own)
@@ -164,6 +181,8 @@ class ConsumerRunner:
         # buffer's (each release puts its messages at the head of the queue).
         order = {id(d): i for i, d in enumerate(held)}
         unhandled = sorted(self._cancelled, key=lambda d: order.get(id(d), -1)) + list(self._buffer)
+        if ahead is not None and ahead.done() and not ahead.cancelled() and ahead.exception() is None:
+            unhandled += ahead.result()
         self._cancelled.clear()
         self._buffer.clear()
         self._released = True
@@ -213,13 +232,16 @@ class ConsumerRunner:
                 # fetch returns something (it may wait for a long while on a quiet queue).
                 await self._dispatch()
                 continue
+            if self._prefetch_range is not None:
+                self._adapt()
             free = self._capacity - len(self._tasks)
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
+            ahead, self._ahead = self._ahead, None
             try:
-                batch = await self._sub.fetch(free)
+                batch = await (ahead if ahead is not None else self._fetch(free))
             except Exception as exc:  # a dropped connection: keep trying, say so
                 failures += 1
                 pause = min(0.1 * 2 ** min(failures, 10), FETCH_BACKOFF_MAX_S)
@@ -231,9 +253,36 @@ class ConsumerRunner:
                 self.log.warning('Fetching from %s works again after %d failures',
                                  self._queue, failures)
                 failures = 0
+            self._fetched = len(batch)
             if batch:
                 self._buffer.extend(batch)
                 await self._dispatch()
+
+    def _adapt(self) -> None:
+        """Hold ahead what the handlers get through in ``PREFETCH_HOLD_S``, within the range.
+
+        The pace is the last fetch's count over the time since it began (its round trip, its
+        wait for messages and their handling): under a backlog of fast handlers it grows to the
+        top of the range, one fetch at a time; idle or slow, it falls back to the bottom.
+        """
+        assert self._prefetch_range is not None
+        now = time.monotonic()
+        elapsed, self._fetch_began = now - self._fetch_began, now
+        low, high = self._prefetch_range
+        ahead = int(self._fetched / elapsed * PREFETCH_HOLD_S) if elapsed > 0 else low
+        self._capacity = self._config.concurrency + min(max(ahead, low), high)
+
+    async def _fetch(self, count: int) -> Sequence[Delivery]:
+        batch = await self._sub.fetch(count)
+        self._backlog = self._reads_ahead and len(batch) >= count
+        return batch
+
+    async def _read_ahead(self) -> None:
+        """Start the next fetch if half the capacity is free (see ``_reads_ahead``)."""
+        free = self._capacity - len(self._buffer) - len(self._tasks) - (self._inline is not None)
+        if free >= max(self._capacity // 2, 1):
+            self._ahead = asyncio.create_task(self._fetch(free), name=f'fetch:{self._queue}')
+            await asyncio.sleep(0)  # its request leaves now, not once the handlers yield
 
     async def _dispatch(self) -> None:
         buffer = self._buffer
@@ -241,6 +290,8 @@ class ConsumerRunner:
             # In line, no task per message: one at a time keeps FIFO order and is cheapest.
             while buffer and not self._stopping:
                 self._inline = delivery = buffer.popleft()
+                if self._backlog and self._ahead is None:
+                    await self._read_ahead()
                 try:
                     await self._handle(delivery)
                 finally:
@@ -255,6 +306,8 @@ class ConsumerRunner:
             task = asyncio.create_task(self._handle(delivery))
             self._tasks[task] = delivery
             task.add_done_callback(self._task_done)
+            if self._backlog and self._ahead is None:
+                await self._read_ahead()
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.pop(task, None)
@@ -311,7 +364,10 @@ class ConsumerRunner:
         elif outcome is None:
             if idempotency is not None:
                 await idempotency.record(delivery)
-            await self._settle(self._sub.ack, delivery)
+            try:  # ``_settle`` in line: one coroutine less on every message's path
+                await self._sub.ack(delivery)
+            except Exception:
+                self._settle_failed(self._sub.ack)
             return 'filtered' if result is FILTERED else 'handled'
         elif isinstance(outcome, Retry):
             return await self._failed(delivery, outcome.reason, outcome.delay)
@@ -381,8 +437,11 @@ class ConsumerRunner:
         try:
             await action(*args)
         except Exception:
-            # Unsettled is not lost, the transport makes sure of it: Redis leaves the message
-            # pending in the group (taken over once its visibility lapses), RabbitMQ gets it
-            # back by a nack or when the channel closes; memory cannot fail here.
-            self.log.exception('%s on %s failed; the message will be delivered again',
-                               getattr(action, '__name__', 'settling'), self._queue)
+            self._settle_failed(action)
+
+    def _settle_failed(self, action: Callable[..., Awaitable[None]]) -> None:
+        # Unsettled is not lost, the transport makes sure of it: Redis leaves the message
+        # pending in the group (taken over once its visibility lapses), RabbitMQ gets it
+        # back by a nack or when the channel closes; memory cannot fail here.
+        self.log.exception('%s on %s failed; the message will be delivered again',
+                           getattr(action, '__name__', 'settling'), self._queue)

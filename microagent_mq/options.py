@@ -10,6 +10,11 @@ from .exceptions import ConfigurationError
 # Added to the handler's timeout to get the default visibility timeout: the time a
 # fetched message stays reserved for a consumer before another may take it over.
 VISIBILITY_MARGIN_S = 10.0
+# prefetch='auto' (the default): this many messages ahead of the free handlers at least, and
+# up to that many while the handlers get through them within PREFETCH_HOLD_S: fast handlers
+# read big batches (fewer round trips), slow ones keep small shares (fair among consumers).
+PREFETCH_AUTO = (32, 256)
+PREFETCH_HOLD_S = 0.01
 # Options of one handler; the others are the queue's (one value for all its handlers).
 HANDLER_OPTIONS = frozenset({'predicate', 'retry_on', 'reject_on', 'on_error'})
 
@@ -20,7 +25,8 @@ class ConsumerOptions:
 
     ``max_attempts``: handling attempts in total before the message is dead-lettered.
     ``concurrency``: handlers of this consumer running at once.
-    ``prefetch``: messages fetched ahead of the free handlers (fewer round trips).
+    ``prefetch``: messages fetched ahead of the free handlers (fewer round trips); ``'auto'``
+    (the default): 32, and up to 256 while the handlers get through them within 10 ms.
     ``retry_delay`` / ``retry_delay_max``: first backoff in seconds, doubling up to the cap.
     ``visibility_timeout``: (Redis) seconds the messages of a consumer that stopped renewing
     them (it died) stay hidden before another consumer takes them over; a live consumer
@@ -40,7 +46,7 @@ class ConsumerOptions:
 
     max_attempts: int = 5
     concurrency: int = 1
-    prefetch: int = 32
+    prefetch: int | Literal['auto'] = 'auto'
     retry_delay: float = 1.0
     retry_delay_max: float = 300.0
     visibility_timeout: float | None = None
@@ -76,7 +82,8 @@ class ConsumerOptions:
     def _check(self, timeout: float) -> None:
         for name in ('max_attempts', 'concurrency'):
             _require(name, getattr(self, name), int, minimum=1)
-        _require('prefetch', self.prefetch, int, minimum=0)
+        if self.prefetch != 'auto':
+            _require('prefetch', self.prefetch, int, minimum=0, also="or 'auto'")
         for name in ('retry_delay', 'retry_delay_max', 'stop_grace'):
             _require(name, getattr(self, name), (int, float), minimum=0)
         if not isinstance(self.idempotent, bool):
@@ -104,6 +111,11 @@ class ConsumerOptions:
             raise ConfigurationError(f"consumer option unknown={self.unknown!r}: expected 'dead_letter' "
                                      f"or 'ignore'")
 
+    @property
+    def prefetch_range(self) -> tuple[int, int]:
+        """Messages fetched ahead of the free handlers: at least, at most (one number unless 'auto')."""
+        return PREFETCH_AUTO if self.prefetch == 'auto' else (self.prefetch, self.prefetch)
+
     def visibility(self, timeout: float) -> float:
         """The visibility timeout in seconds for a handler with this ``timeout``."""
         if self.visibility_timeout is not None:
@@ -116,10 +128,12 @@ class ConsumerOptions:
         return float(min(self.retry_delay * growth, self.retry_delay_max))
 
 
-def _require(name: str, value: Any, kind: type | tuple[type, ...], minimum: float) -> None:
+def _require(name: str, value: Any, kind: type | tuple[type, ...], minimum: float,
+             also: str = '') -> None:
     valid = not isinstance(value, bool) and isinstance(value, kind)
     if not valid or value < minimum:
-        raise ConfigurationError(f'consumer option {name}={value!r}: expected a number >= {minimum}')
+        raise ConfigurationError(f'consumer option {name}={value!r}: expected a number >= {minimum}'
+                                 f'{" " + also if also else ""}')
 
 
 def _exception_types(name: str, value: Any) -> tuple[type[BaseException], ...]:

@@ -119,6 +119,11 @@ class Subscription(ABC):
     The engine decides every message's fate; a subscription only carries it out.
     """
 
+    # A fetch is a round trip to the server: under a backlog the engine starts the next one
+    # while handlers work on the last (one fetch at a time still). Push transports hold
+    # their messages already, and the in-process one has none to make.
+    reads_ahead = False
+
     @abstractmethod
     async def fetch(self, max_count: int, wait_s: float | None = None) -> Sequence[Delivery]:
         """Up to ``max_count`` messages; may return none after waiting a while.

@@ -304,7 +304,7 @@ class AMQPBroker(AbstractQueueBroker):
 
     async def _subscribe(self, consumer: Consumer) -> Subscription:
         config = consumer.config
-        subscription = AMQPSubscription(self, consumer.queue, config.concurrency + config.prefetch,
+        subscription = AMQPSubscription(self, consumer.queue, config.concurrency + config.prefetch_range[0],
                                         hand_out=config.concurrency)
         await subscription.open()
         return subscription

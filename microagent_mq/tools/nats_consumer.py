@@ -61,6 +61,8 @@ class Handle:
 class NATSSubscription(Subscription):
     """Pulls from the queue's durable consumer into a buffer the engine fetches from."""
 
+    reads_ahead = True
+
     def __init__(self, broker: 'NATSBroker', queue: str, visibility_s: float) -> None:
         self._broker = broker
         self._queue = queue

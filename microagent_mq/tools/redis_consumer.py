@@ -41,6 +41,8 @@ class RedisSubscription(Subscription):
     its hold on them (it renews every third of that while alive).
     """
 
+    reads_ahead = True
+
     def __init__(self, broker: 'RedisBroker', queue: str, visibility_s: float,
                  member: str | None = None) -> None:
         self._broker = broker
