@@ -2,7 +2,7 @@
 
 ``python -m bench.backlog [--brokers redis amqp] [--messages 1000000]``: fills a queue of a
 unique name with ``send_many`` (batches of ``FILL_BATCH``), starts a consumer in a process of
-its own (an agent with the default options: concurrency 1, prefetch 32), waits until it has
+its own (an agent with the default options: concurrency 1, prefetch 'auto'), waits until it has
 handled every message, and reports that process's peak RSS (``ru_maxrss``) beside its RSS once
 connected and consuming its first message, and the drain rate. Then deletes that queue (the
 servers are shared: only what this run made). Issue #18, item 6: the peak must stay under
