@@ -14,6 +14,13 @@ instead: a connection checked out for longer than ``command_timeout`` (no comman
 broker holds one that long: its blocking reads block 250 ms at most) has its transport
 aborted, so the command waiting on it fails with ``ConnectionError`` and redis-py's retry
 sends it again on a new connection (every write of the broker is idempotent).
+
+Taking a free connection and giving it back are done here too, where redis-py 8 would take a
+lock, check its arguments for deprecated ones, and record five metrics nobody collects
+(redis-py's observability, off unless the application turns it on): about a sixth of the
+CPU of a message sent and handled end to end (py-spy, docs/benchmarks.md). The connection is
+still checked as redis-py checks it (``ensure_connection``), and the slow path is taken
+whenever redis-py's metrics or a re-authentication are on, or the pool has no free connection.
 """
 
 import asyncio
@@ -22,7 +29,18 @@ import time
 from typing import Any
 
 from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import MaxConnectionsError
+
+try:  # redis-py 8: the pool's metrics, recorded only once the application enables them
+    from redis.asyncio.observability.recorder import _get_or_create_collector as _metrics
+except ImportError:  # an older redis-py records none
+    def _metrics() -> Any:  # type: ignore[misc]
+        return None
+
+# The lean path needs what it calls of redis-py's pool and connections (redis-py 5.1 and later).
+LEAN = hasattr(ConnectionPool, 'ensure_connection') \
+    and hasattr(AbstractConnection, 'should_reconnect')
 
 WAIT_S = 20.0  # a command waiting this long for a free connection fails (MaxConnectionsError)
 COMMAND_TIMEOUT_S = 10.0  # a connection held this long by one command is taken as dead
@@ -46,6 +64,16 @@ class WaitingPool(ConnectionPool):
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         # redis-py calls it without arguments (those are deprecated): none are passed on.
+        available: list[Any] = self._available_connections
+        if available and LEAN and _metrics() is None:
+            connection = available.pop()  # no await in between: nobody else takes it
+            self._in_use_connections.add(connection)
+            try:
+                await self.ensure_connection(connection)
+            except BaseException:
+                await self.release(connection)
+                raise
+            return await self._checked_out(connection)
         deadline = time.monotonic() + WAIT_S
         while True:
             try:
@@ -55,11 +83,7 @@ class WaitingPool(ConnectionPool):
                 if left <= 0:
                     raise
             else:
-                self._since[connection] = time.monotonic()
-                loop = asyncio.get_running_loop()
-                if self._watch is None or self._watch_loop is not loop:  # (a loop ended: re-armed)
-                    self._watch, self._watch_loop = loop.call_later(WATCH_EVERY_S, self._check), loop
-                return connection
+                return await self._checked_out(connection)
             self._freed.clear()  # no await since the failed attempt: no release missed
             try:
                 async with asyncio.timeout(left):
@@ -67,9 +91,34 @@ class WaitingPool(ConnectionPool):
             except TimeoutError:
                 pass  # one last try above, then it raises
 
+    async def _checked_out(self, connection: Any) -> Any:
+        # A reply nobody read would be taken for the next command's. redis-py 8 checks for one
+        # only while its maintenance notifications are off, and they default to 'auto'.
+        try:
+            if await connection.can_read():
+                log.warning('A pooled Redis connection held an unread reply: reconnecting it')
+                await connection.disconnect()
+                await connection.connect()
+        except BaseException:
+            await self.release(connection)
+            raise
+        self._since[connection] = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch_loop is not loop:  # (a loop ended: re-armed)
+            self._watch, self._watch_loop = loop.call_later(WATCH_EVERY_S, self._check), loop
+        return connection
+
     async def release(self, connection: Any) -> None:
         self._since.pop(connection, None)
-        await super().release(connection)
+        # redis-py's release also re-authenticates a connection whose credentials were renewed
+        # meanwhile (a streaming credential provider): that one takes its path.
+        if LEAN and getattr(connection, '_re_auth_token', None) is None and _metrics() is None:
+            self._in_use_connections.remove(connection)
+            if connection.should_reconnect():
+                await connection.disconnect()
+            self._available_connections.append(connection)
+        else:
+            await super().release(connection)
         self._freed.set()
 
     def _check(self) -> None:
