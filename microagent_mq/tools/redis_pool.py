@@ -38,7 +38,8 @@ except ImportError:  # an older redis-py records none
     def _metrics() -> Any:  # type: ignore[misc]
         return None
 
-# The lean path needs what it calls of redis-py's pool and connections (redis-py 5.1 and later).
+# The lean path needs what it calls of redis-py's pool and connections; a redis-py without
+# them takes its own path.
 LEAN = hasattr(ConnectionPool, 'ensure_connection') \
     and hasattr(AbstractConnection, 'should_reconnect')
 
