@@ -84,6 +84,67 @@ async def test_a_store_nobody_acknowledges_times_out(client: Any) -> None:
     assert stores._waiting == {}
 
 
+async def test_a_batch_returns_once_the_stream_holds_every_message(
+        client: Any, stream: tuple[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from microagent_mq.tools import nats_publish
+
+    monkeypatch.setattr(nats_publish, 'BATCH_PENDING', 3)
+    name, js = stream
+    stores = await _stores(client)
+    batch = stores.batch(5.0)
+    most = 0
+    for i in range(10):
+        await batch.add(f'{name}.q', b'{"n":%d}' % i, {'Nats-Msg-Id': f'id{i}'})
+        most = max(most, len(stores._waiting))
+    await batch.wait()
+    assert most == 3  # never more than BATCH_PENDING awaited at once
+    assert (await js.stream_info(name)).state.messages == 10
+    assert stores._waiting == {}
+
+
+async def test_a_batch_with_a_refused_store_raises_its_error_after_the_others(
+        client: Any, stream: tuple[str, Any]) -> None:
+    import nats.js.errors
+
+    name, js = stream
+    stores = await _stores(client)
+    batch = stores.batch(5.0)
+    await batch.add(f'{name}.q', b'{"n":0}', {})
+    await batch.add(f'{name}.q', b'{"n":1}', {'Nats-Expected-Last-Sequence': '99'})
+    await batch.add(f'{name}.q', b'{"n":2}', {})
+    with pytest.raises(nats.js.errors.APIError) as refused:
+        await batch.wait()
+    assert refused.value.err_code == 10071
+    assert (await js.stream_info(name)).state.messages == 2
+    assert stores._waiting == {}
+
+
+async def test_a_batch_nobody_acknowledges_times_out_and_forgets_its_stores(client: Any) -> None:
+    subject = f'{unique("np")}.silent'
+    await client.subscribe(subject)
+    stores = await _stores(client)
+    batch = stores.batch(0.2)
+    await batch.add(subject, b'{}', {})
+    with pytest.raises(asyncio.TimeoutError):
+        await batch.wait()
+    assert stores._waiting == {}
+    await batch.add(subject, b'{}', {})
+    batch.forget()  # a batch given up on (retried whole) leaves nothing behind
+    assert stores._waiting == {}
+    await batch.settle()  # nothing left to wait for
+
+
+async def test_a_batch_to_a_subject_without_a_stream_raises_no_stream(client: Any) -> None:
+    import nats.js.errors
+
+    stores = await _stores(client)
+    batch = stores.batch(5.0)
+    await batch.add(f'{unique("np")}.nostream', b'{}', {})
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await batch.wait()
+    assert stores._waiting == {}
+
+
 def test_delivery_of_reads_both_ack_subject_layouts() -> None:
     from nats.aio.msg import Msg
 

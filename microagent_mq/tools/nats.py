@@ -237,28 +237,41 @@ class NATSBroker(AbstractQueueBroker):
         acks: list[Awaitable[Any]] = []
         single = len(batch) == 1 and len(batch[0].queues) == 1
         planned: PlannedSend | None = None
-        for message in batch:
-            headers = message_headers(message.message_id, message.sent_at, message.headers)
-            for queue in message.queues:
-                plan = self.plan(queue)
-                if plan is not None:  # a queue with options: its own path (nats_options)
-                    planned = planned or PlannedSend(self, js, batch, acks)
-                    await self._store_planned(planned, plan, message, headers, acks)
-                    continue
-                if message.delay > 0:
-                    stream = self.names.delayed_stream(queue)
-                    await self.ensure_stream(stream, self.names.delayed_subject(queue))
-                    subject = self.names.delayed_subject(queue)
-                    copy = {**headers, DUE: str(int((time.time() + message.delay) * 1000))}
-                else:
-                    await self.ensure_queue(queue)
-                    subject, copy = self.names.subject(queue), headers
-                if single:
-                    await self.stores.store(subject, message.body, copy)
-                    return
-                acks.append(await js.publish_async(subject, message.body, headers=copy))
-        if acks:  # every store acknowledged together: one wait for the batch, bounded
-            # (a timeout is retried whole by _publish, de-duplicated by Nats-Msg-Id)
+        stores = None if single else self.stores.batch(BATCH_ACK_TIMEOUT_S)
+        try:
+            for message in batch:
+                headers = message_headers(message.message_id, message.sent_at, message.headers)
+                for queue in message.queues:
+                    plan = self.plan(queue)
+                    if plan is not None:  # a queue with options: its own path (nats_options)
+                        planned = planned or PlannedSend(self, js, batch, acks)
+                        await self._store_planned(planned, plan, message, headers, acks)
+                        continue
+                    if message.delay > 0:
+                        stream = self.names.delayed_stream(queue)
+                        await self.ensure_stream(stream, self.names.delayed_subject(queue))
+                        subject = self.names.delayed_subject(queue)
+                        copy = {**headers, DUE: str(int((time.time() + message.delay) * 1000))}
+                    else:
+                        await self.ensure_queue(queue)
+                        subject, copy = self.names.subject(queue), headers
+                    if stores is None:
+                        await self.stores.store(subject, message.body, copy)
+                        return
+                    await stores.add(subject, message.body, copy)
+        except QueueFull:
+            if stores is not None:  # what was sent before the refused one is stored: wait for it
+                await stores.settle()
+            raise
+        except BaseException:
+            if stores is not None:  # retried whole by _publish: these acks are not waited for
+                stores.forget()
+            raise
+        # Every store acknowledged together: one wait for the batch, bounded (a timeout is
+        # retried whole by _publish, de-duplicated by Nats-Msg-Id).
+        if stores is not None:
+            await stores.wait()
+        if acks:
             await asyncio.wait_for(asyncio.gather(*acks), BATCH_ACK_TIMEOUT_S)
 
     async def _store_planned(self, planned: PlannedSend, plan: QueuePlan, message: Outgoing,

@@ -9,6 +9,11 @@ broker's ack inbox resolves the very future the sender awaits, a timer bounds th
 ack is read with orjson. Failures are nats-py's own: no stream for the subject raises
 ``NoStreamResponseError``, an ``error`` in the ack its ``APIError``, no ack in time
 ``nats.errors.TimeoutError``.
+
+A batch (``Stores.batch``: a ``send_many``) publishes every store at once and waits for all
+their acks together, as ``js.publish_async`` does, without what that costs a message: a
+semaphore, random token bytes from the OS, a done callback, a ``PubAck`` dataclass from
+``json``. At most ``BATCH_PENDING`` acks are awaited at a time, as nats-py bounds its own.
 """
 
 import asyncio
@@ -22,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 NO_RESPONDERS = '503'
+BATCH_PENDING = 4000  # a batch's stores awaiting their ack at once (nats-py's default bound)
 
 
 class Stores:
@@ -49,6 +55,10 @@ class Stores:
         if future is not None and not future.done():
             future.set_exception(nats.errors.TimeoutError())
 
+    def batch(self, timeout: float) -> 'StoreBatch':
+        """Stores published at once and acknowledged together (``timeout``: for each wait)."""
+        return StoreBatch(self, timeout)
+
     async def store(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """Publish to ``subject`` and return once JetStream stored it; raise if it did not."""
         token = str(next(self._tokens))
@@ -63,6 +73,55 @@ class Stores:
             timer.cancel()
             del self._waiting[token]
         check_ack(ack)
+
+
+class StoreBatch:
+    """The stores of one batch: ``add`` publishes, ``wait`` returns once all were stored."""
+
+    def __init__(self, stores: Stores, timeout: float) -> None:
+        self._stores = stores
+        self._timeout = timeout
+        self._tokens: list[str] = []
+        self._acks: list[asyncio.Future[Msg]] = []
+
+    async def add(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        if len(self._acks) >= BATCH_PENDING:
+            await self.wait()
+        stores = self._stores
+        token = str(next(stores._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        stores._waiting[token] = future
+        self._tokens.append(token)
+        self._acks.append(future)
+        await stores._client.publish(subject, body, reply=f'{stores._prefix}.{token}', headers=headers)
+
+    async def wait(self) -> None:
+        """Wait for every ack so far; raise the first failure (``TimeoutError`` past the timeout)."""
+        tokens, acks, self._tokens, self._acks = self._tokens, self._acks, [], []
+        if not acks:
+            return
+        try:
+            replies = await asyncio.wait_for(asyncio.gather(*acks), self._timeout)
+        finally:
+            waiting = self._stores._waiting
+            for token in tokens:
+                waiting.pop(token, None)
+        for reply in replies:
+            check_ack(reply)
+
+    async def settle(self) -> None:
+        """Wait for the acks so far, whatever they say (the batch ends in an error of its own)."""
+        try:
+            await self.wait()
+        except Exception:  # the caller raises its own error
+            pass
+
+    def forget(self) -> None:
+        """Stop waiting for the acks so far."""
+        waiting = self._stores._waiting
+        for token in self._tokens:
+            waiting.pop(token, None)
+        self._tokens, self._acks = [], []
 
 
 def check_ack(ack: Msg) -> None:
