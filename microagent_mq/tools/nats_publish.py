@@ -55,19 +55,27 @@ class Stores:
         if future is not None and not future.done():
             future.set_exception(nats.errors.TimeoutError())
 
+    def _expect(self) -> tuple[str, str, asyncio.Future[Msg]]:
+        """A new token, the reply subject that carries it, and the future its ack resolves."""
+        token = str(next(self._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        return token, f'{self._prefix}.{token}', future
+
+    def _forget(self, tokens: list[str]) -> None:
+        for token in tokens:
+            self._waiting.pop(token, None)
+
     def batch(self, timeout: float) -> 'StoreBatch':
         """Stores published at once and acknowledged together (``timeout``: for each wait)."""
         return StoreBatch(self, timeout)
 
     async def store(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """Publish to ``subject`` and return once JetStream stored it; raise if it did not."""
-        token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = future
-        timer = loop.call_later(self._timeout, self._expire, token)
+        token, reply, future = self._expect()
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, token)
         try:
-            await self._client.publish(subject, body, reply=f'{self._prefix}.{token}', headers=headers)
+            await self._client.publish(subject, body, reply=reply, headers=headers)
             ack = await future
         finally:
             timer.cancel()
@@ -87,13 +95,10 @@ class StoreBatch:
     async def add(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         if len(self._acks) >= BATCH_PENDING:
             await self.wait()
-        stores = self._stores
-        token = str(next(stores._tokens))
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        stores._waiting[token] = future
+        token, reply, future = self._stores._expect()
         self._tokens.append(token)
         self._acks.append(future)
-        await stores._client.publish(subject, body, reply=f'{stores._prefix}.{token}', headers=headers)
+        await self._stores._client.publish(subject, body, reply=reply, headers=headers)
 
     async def wait(self) -> None:
         """Wait for every ack so far; raise the first failure (``TimeoutError`` past the timeout)."""
@@ -103,9 +108,7 @@ class StoreBatch:
         try:
             replies = await asyncio.wait_for(asyncio.gather(*acks), self._timeout)
         finally:
-            waiting = self._stores._waiting
-            for token in tokens:
-                waiting.pop(token, None)
+            self._stores._forget(tokens)
         for reply in replies:
             check_ack(reply)
 
@@ -118,9 +121,7 @@ class StoreBatch:
 
     def forget(self) -> None:
         """Stop waiting for the acks so far."""
-        waiting = self._stores._waiting
-        for token in self._tokens:
-            waiting.pop(token, None)
+        self._stores._forget(self._tokens)
         self._tokens, self._acks = [], []
 
 
